@@ -1,0 +1,221 @@
+"""Functional EWC-Adam: the one place that picks an implementation.
+
+:func:`ewc_adam` updates lists of tensors in place. Per element::
+
+    g      ← −g if maximize;   g ← g + λ·F·(θ − c)                    (EWC)
+    F_run  ← β_F·F_run + (1 − β_F)·s,   s = g² or a given buffer      (running Fisher)
+    then coupled (g ← g + wd·θ) or decoupled (θ ← θ(1 − lr·wd)) weight decay, then Adam/AMSGrad.
+
+Backends:
+
+* ``"triton"``: :mod:`ewc_fused.kernels.ewc_adam`, one fused pass over memory.
+* ``"torch"``: the penalty gradient with foreach ops over groups of at most
+  :data:`GROUP_NUMEL` elements (temporaries bounded by that, or by the largest
+  tensor), handed to ``torch.optim.adam.adam`` (its fused kernel where the device
+  has one): the same numbers wherever torch runs, and exactly ``torch.optim.Adam``
+  for tensors without EWC state.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["ewc_adam", "resolve_backend", "triton_available", "interpreter_enabled", "GROUP_NUMEL"]
+
+BACKENDS = ("auto", "triton", "torch")
+# Elements per foreach group in the torch backend: bounds its temporaries.
+GROUP_NUMEL = 1 << 20
+
+
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when ``triton`` imports (its kernels are imported only on use)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """True when the Triton interpreter is on (kernels then run on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``"auto"``/``"triton"``/``"torch"`` to the backend used for ``device``.
+
+    ``"auto"`` is triton for CUDA tensors when Triton imports, else torch.
+    ``"triton"`` needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``.
+    """
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+        if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+            return "triton"
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
+            f"got a parameter on {device}. Use backend='auto' or 'torch'."
+        )
+    raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
+
+
+@dataclass
+class Hyper:
+    """Per-group scalars of one step."""
+
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    amsgrad: bool
+    maximize: bool
+    decoupled_weight_decay: bool
+    ewc_lambda: float
+    fisher_beta: float
+    foreach: Optional[bool] = None
+    fused: Optional[bool] = None
+    capturable: bool = False
+
+
+def ewc_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    fishers: Optional[list[Tensor]],
+    anchors: Optional[list[Tensor]],
+    fisher_runs: Optional[list[Tensor]],
+    sq_sources: Optional[list[Tensor]],
+    hyper: Hyper,
+    *,
+    backend: str,
+) -> None:
+    """One EWC-Adam step over one bucket (one device, one parameter dtype).
+
+    ``fishers``/``anchors`` None: no penalty; ``fisher_runs`` None: no running
+    Fisher; ``sq_sources`` None: the running Fisher takes g². ``state_steps`` are
+    incremented here (once per step), like ``torch.optim.adam.adam`` does.
+    """
+    if not params:
+        return
+    if backend == "triton" and all(_kernel_compatible(t) for t in _rows(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, anchors, fisher_runs, sq_sources)):
+        _triton_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                         fishers, anchors, fisher_runs, sq_sources, hyper)
+    else:
+        _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                        fishers, anchors, fisher_runs, sq_sources, hyper)
+
+
+def _rows(*lists):
+    lists = [l for l in lists if l]
+    return list(zip(*lists))
+
+
+def _kernel_compatible(row: tuple[Tensor, ...]) -> bool:
+    """The kernel walks flat memory: every tensor must be dense with θ's strides."""
+    p = row[0]
+    if p.is_contiguous():
+        return all(t.is_contiguous() for t in row)
+    if not _dense_non_overlapping(p):
+        return False
+    return all(t.stride() == p.stride() for t in row)
+
+
+def _dense_non_overlapping(t: Tensor) -> bool:
+    dims = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1)
+    expected = 1
+    for s, n in dims:
+        if s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def _triton_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                     fishers, anchors, fisher_runs, sq_sources, h: Hyper) -> None:
+    from ewc_fused.kernels.ewc_adam import ewc_adam_
+
+    torch._foreach_add_(state_steps, 1)
+    ewc_adam_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if h.amsgrad else None,
+        fishers, anchors, fisher_runs, sq_sources, state_steps,
+        lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps, weight_decay=h.weight_decay,
+        ewc_lambda=h.ewc_lambda, fisher_beta=h.fisher_beta, amsgrad=h.amsgrad,
+        maximize=h.maximize, decoupled_weight_decay=h.decoupled_weight_decay,
+    )
+
+
+def _groups_by_numel(n: int, numels: list[int], budget: int = GROUP_NUMEL):
+    """Consecutive index ranges whose element count stays within ``budget``."""
+    start, total = 0, 0
+    for i, k in enumerate(numels):
+        if i > start and total + k > budget:
+            yield start, i
+            start, total = i, 0
+        total += k
+    if start < n:
+        yield start, n
+
+
+def _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                    fishers, anchors, fisher_runs, sq_sources, h: Hyper) -> None:
+    from torch.optim.adam import adam
+
+    if fisher_runs is not None:
+        b = h.fisher_beta
+        torch._foreach_mul_(fisher_runs, b)
+        if sq_sources is not None:
+            torch._foreach_add_(fisher_runs, sq_sources, alpha=1.0 - b)
+        else:
+            torch._foreach_addcmul_(fisher_runs, grads, grads, value=1.0 - b)
+
+    use_fused = h.fused
+    if use_fused is None and h.foreach is None:
+        # Fused where torch has the kernel for this device and dtype, as optim.Adam(fused=True).
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        use_fused = params[0].device.type in _get_fused_kernels_supported_devices() and (
+            params[0].dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+        )
+    kw = dict(
+        foreach=h.foreach, fused=use_fused, capturable=h.capturable,
+        decoupled_weight_decay=h.decoupled_weight_decay, amsgrad=h.amsgrad,
+        beta1=h.beta1, beta2=h.beta2, lr=h.lr, weight_decay=h.weight_decay,
+        eps=h.eps, maximize=h.maximize,
+    )
+    if fishers is None:
+        adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if h.amsgrad else [], state_steps, **kw)
+        return
+
+    # g + λF(θ − c) (under maximize g − λF(θ − c): adam negates it), in bounded groups,
+    # computed in the promoted dtype of θ and the EWC state (fp32 for bf16 θ).
+    lam = -h.ewc_lambda if h.maximize else h.ewc_lambda
+    p_dtype = params[0].dtype
+    work = torch.promote_types(p_dtype, fishers[0].dtype)
+
+    def as_work(ts):
+        return list(ts) if ts[0].dtype == work else [t.to(work) for t in ts]
+
+    for s, e in _groups_by_numel(len(params), [p.numel() for p in params]):
+        diff = torch._foreach_sub(as_work(params[s:e]), as_work(anchors[s:e]))
+        pen = torch._foreach_addcmul(as_work(grads[s:e]), as_work(fishers[s:e]), diff, value=lam)
+        del diff
+        if work != p_dtype:
+            pen = [t.to(p_dtype) for t in pen]
+        adam(
+            params[s:e], pen, exp_avgs[s:e], exp_avg_sqs[s:e],
+            max_exp_avg_sqs[s:e] if h.amsgrad else [], state_steps[s:e], **kw,
+        )

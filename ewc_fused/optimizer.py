@@ -1,0 +1,416 @@
+"""FusedEWCAdam / FusedEWCAdamW: Adam with the EWC penalty fused into the step."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
+
+from . import consolidation as _cons
+from .functional import BACKENDS, Hyper, ewc_adam, resolve_backend
+
+__all__ = ["FusedEWCAdam", "FusedEWCAdamW"]
+
+FisherMapping = Mapping[Union[str, Tensor], Tensor]
+EWC_STATE_KEYS = ("ewc_fisher", "ewc_anchor", "ewc_const", "fisher_ema", "fisher_ema_step")
+_EWC_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class FusedEWCAdam(torch.optim.Adam):
+    r"""Adam (or AdamW) with Elastic Weight Consolidation fused into the step.
+
+    The loss being minimised is
+
+    .. math::
+        L(\theta) = L_\text{task}(\theta) + \sum_t \frac{\lambda}{2}\sum_i F_{t,i}(\theta_i-\theta^*_{t,i})^2
+
+    and the penalty's gradient never goes through autograd: ``step()`` uses, per
+    element, with ``g`` the task gradient in ``p.grad``
+
+    .. code-block:: text
+
+        g     ← −g                         if maximize (the penalty still pulls toward θ*)
+        g     ← g + λ·F·(θ − c)            F = Σ_t F_t, c = Σ_t F_t θ*_t / F   (exact, O(1) memory)
+        F_run ← β·F_run + (1−β)·g²         if fisher_ema = β (running Fisher, bias-corrected on read)
+        g ← g + wd·θ  (Adam)   or   θ ← θ·(1 − lr·wd)  (decoupled, AdamW)
+        m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;  v̂ ← max(v̂, v) if amsgrad
+        θ ← θ − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)
+
+    Until :meth:`consolidate` is called it is ``torch.optim.Adam`` (same
+    arguments, param groups, state keys and results). On CUDA with Triton the
+    whole update is one kernel pass that reads θ, g, m, v, F, c once and writes
+    θ, m, v once; elsewhere a PyTorch backend computes the same numbers.
+
+    Args:
+        params, lr, betas, eps, weight_decay, amsgrad, maximize, foreach,
+            capturable, fused, decoupled_weight_decay: as ``torch.optim.Adam``.
+            ``foreach``/``fused`` choose torch's Adam implementation in the torch
+            backend; ``differentiable=True`` is not supported.
+        ewc_lambda: λ of the penalty above (per param group, may change like ``lr``).
+        fisher_ema: β of the running Fisher (per param group); ``None`` = off.
+        ewc_dtype: storage dtype of F, c and F_run (arithmetic is fp32).
+        backend: ``"auto"`` (triton on CUDA when available, else torch),
+            ``"triton"`` or ``"torch"``.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: Union[float, Tensor] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        decoupled_weight_decay: bool = False,
+        ewc_lambda: float = 1.0,
+        fisher_ema: Optional[float] = None,
+        ewc_dtype: torch.dtype = torch.float32,
+        backend: str = "auto",
+    ) -> None:
+        if differentiable:
+            raise NotImplementedError(
+                "FusedEWCAdam does not support differentiable=True: its fused step is not "
+                "differentiable. Use torch.optim.Adam with the penalty in the loss "
+                "(ewc_fused.reference) for higher-order optimisation."
+            )
+        if ewc_dtype not in _EWC_DTYPES:
+            raise ValueError(f"Invalid ewc_dtype: {ewc_dtype}; expected one of {_EWC_DTYPES}")
+        if backend not in BACKENDS:
+            raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
+        self._ewc_defaults = {"ewc_lambda": ewc_lambda, "fisher_ema": fisher_ema}
+        self._check_ewc_group(self._ewc_defaults, where="")
+        self.ewc_dtype = ewc_dtype
+        self.backend = backend
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            foreach=foreach, maximize=maximize, capturable=capturable,
+            differentiable=False, fused=fused, decoupled_weight_decay=decoupled_weight_decay,
+        )
+        self.defaults.update(self._ewc_defaults)
+        # GradScaler may hand the step grad_scale/found_inf only when the step unscales;
+        # this one does not (yet), so leave that to GradScaler.unscale_.
+        self._step_supports_amp_scaling = False
+        self._sq_grads: dict[Tensor, Tensor] = {}
+
+    # ------------------------------------------------------------------ param groups
+
+    @staticmethod
+    def _check_ewc_group(group: Mapping[str, Any], where: str) -> None:
+        lam = group["ewc_lambda"]
+        if isinstance(lam, Tensor) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"Invalid ewc_lambda{where}: {lam!r} (must be a finite float >= 0)")
+        beta = group["fisher_ema"]
+        if beta is not None and (
+            isinstance(beta, Tensor) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0
+        ):
+            raise ValueError(f"Invalid fisher_ema{where}: {beta!r} (must be None or a float in [0, 1))")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        for k, v in self._ewc_defaults.items():
+            param_group.setdefault(k, v)
+        where = f" in param group {len(self.param_groups)}"
+        self._check_ewc_group(param_group, where)
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for i, p in enumerate(params):
+            if isinstance(p, Tensor) and torch.is_complex(p):
+                raise ValueError(
+                    f"FusedEWCAdam does not support complex parameters (parameter {i}{where}, "
+                    f"dtype {p.dtype}); pass torch.view_as_real(p) views or use torch.optim.Adam."
+                )
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in getattr(self, "_ewc_defaults", {"ewc_lambda": 1.0, "fisher_ema": None}).items():
+                group.setdefault(k, v)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _owned(self) -> dict[Tensor, tuple[int, int, Optional[str]]]:
+        """Parameter → (group index, index in group, name or None)."""
+        out = {}
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names")
+            for j, p in enumerate(group["params"]):
+                out[p] = (gi, j, names[j] if names is not None else None)
+        return out
+
+    def _key(self, p: Tensor, name: Optional[str]):
+        return name if name is not None else p
+
+    def _backend_for(self, p: Tensor) -> str:
+        return resolve_backend(self.backend, p.device)
+
+    def _step_on_device(self, group: Mapping[str, Any], p: Tensor) -> bool:
+        if group["capturable"] or group["fused"]:
+            return True
+        return p.device.type != "cpu" and self._backend_for(p) == "triton"
+
+    def _init_state(self, group: Mapping[str, Any], p: Tensor) -> dict[str, Tensor]:
+        """Lazily create or normalise torch's Adam state (keys as in torch.optim.Adam)."""
+        state = self.state[p]
+        want = p.device if self._step_on_device(group, p) else torch.device("cpu")
+        if len(state) == 0 or "exp_avg" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=want)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif not torch.is_tensor(state["step"]) or state["step"].device != want:
+            state["step"] = torch.as_tensor(float(state["step"]), dtype=torch.float32).to(want)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["fisher_ema"] is not None and "fisher_ema" not in state:
+            state["fisher_ema"] = torch.zeros_like(p, dtype=self.ewc_dtype, memory_format=torch.preserve_format)
+            state["fisher_ema_step"] = torch.zeros((), dtype=torch.float64)
+        return state
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        """Perform one EWC-Adam step (see the class docstring for the update)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Validate everything before any state changes.
+        for gi, group in enumerate(self.param_groups):
+            self._check_ewc_group(group, f" in param group {gi}")
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        "FusedEWCAdam does not support sparse gradients, please consider SparseAdam instead"
+                    )
+                self._backend_for(p)
+        sq = self._sq_grads
+        self._sq_grads = {}
+
+        for group in self.param_groups:
+            buckets: dict[tuple, list] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._init_state(group, p)
+                has_ewc = "ewc_fisher" in state and group["ewc_lambda"] != 0
+                has_ema = group["fisher_ema"] is not None
+                use_sq = has_ema and p in sq
+                key = (p.device, p.dtype, has_ewc, has_ema, use_sq, self._backend_for(p))
+                buckets.setdefault(key, []).append(p)
+            for (_, _, has_ewc, has_ema, use_sq, backend), ps in buckets.items():
+                states = [self.state[p] for p in ps]
+                beta1, beta2 = group["betas"]
+                ewc_adam(
+                    ps, [p.grad for p in ps],
+                    [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                    [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+                    [s["step"] for s in states],
+                    [s["ewc_fisher"] for s in states] if has_ewc else None,
+                    [s["ewc_anchor"] for s in states] if has_ewc else None,
+                    [s["fisher_ema"] for s in states] if has_ema else None,
+                    [sq[p] for p in ps] if use_sq else None,
+                    Hyper(
+                        lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                        weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                        maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"],
+                        ewc_lambda=float(group["ewc_lambda"]),
+                        fisher_beta=float(group["fisher_ema"]) if has_ema else 0.0,
+                        foreach=group["foreach"], fused=group["fused"], capturable=group["capturable"],
+                    ),
+                    backend=backend,
+                )
+                if has_ema:
+                    for s in states:
+                        s["fisher_ema_step"] += 1
+        return loss
+
+    def _set_squared_grads(self, sq_grads: Mapping[Tensor, Tensor]) -> None:
+        """Give the next step a per-parameter squared-gradient source for the running
+        Fisher (e.g. Σ_n g_n² from per-sample hooks) in place of g²; used once."""
+        owned = self._owned()
+        for p, s in sq_grads.items():
+            if p not in owned:
+                raise ValueError("squared-gradient buffer given for a parameter this optimizer does not own")
+            if s.shape != p.shape or s.device != p.device:
+                raise ValueError(f"squared-gradient buffer of shape {tuple(s.shape)} on {s.device} "
+                                 f"for a parameter of shape {tuple(p.shape)} on {p.device}")
+        self._sq_grads = dict(sq_grads)
+
+    # ------------------------------------------------------------------ EWC API
+
+    @torch.no_grad()
+    def consolidate(
+        self, fisher: Optional[FisherMapping] = None, *, mode: str = "multi", decay: float = 1.0
+    ) -> None:
+        """End a task: anchor the current weights with their Fisher information.
+
+        Args:
+            fisher: maps each Parameter (or its name, when the optimizer was built
+                from named parameters) to a non-negative, finite tensor of the
+                parameter's shape and device. ``None`` takes the bias-corrected
+                running Fisher of the groups with ``fisher_ema`` set.
+            mode: ``"multi"``: add this task's penalty to the earlier ones,
+                Σ_t (λ/2) F_t (θ − θ*_t)², kept exactly in O(1) memory as F = Σ F_t,
+                c = Σ F_t θ*_t / F and a constant. ``"online"``: F ← decay·F + F_new,
+                θ* ← θ (online EWC, one anchor).
+            decay: in [0, 1]; multiplies the earlier tasks' Fisher (both modes).
+
+        Parameters missing from ``fisher`` keep their earlier EWC state; frozen
+        parameters (``requires_grad=False``) are skipped. Everything is
+        validated before any state changes.
+        """
+        if mode not in ("multi", "online"):
+            raise ValueError(f"Invalid mode: {mode!r}; expected 'multi' or 'online'")
+        if isinstance(decay, Tensor) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"Invalid decay: {decay!r} (must be a float in [0, 1])")
+        if fisher is None:
+            fisher = self.running_fisher()
+            if not fisher:
+                raise ValueError(
+                    "consolidate() without a fisher uses the running Fisher, but no parameter has one: "
+                    "set fisher_ema=β (e.g. 0.99) and take steps first, or pass fisher=..."
+                )
+        resolved = self._resolve_fisher(fisher)
+        for p, f_new in resolved:
+            state = self.state[p]
+            new = _cons.combine(
+                p.detach(), f_new,
+                state.get("ewc_fisher"), state.get("ewc_anchor"), state.get("ewc_const"),
+                mode=mode, decay=float(decay), dtype=self.ewc_dtype,
+            )
+            state["ewc_fisher"], state["ewc_anchor"], state["ewc_const"] = new
+
+    def _resolve_fisher(self, fisher: FisherMapping) -> list[tuple[Tensor, Tensor]]:
+        if not isinstance(fisher, Mapping):
+            raise TypeError(f"fisher must be a mapping from parameters or names to tensors, got {type(fisher).__name__}")
+        owned = self._owned()
+        by_name = {name: p for p, (_, _, name) in owned.items() if name is not None}
+        out: dict[Tensor, Tensor] = {}
+        for key, f in fisher.items():
+            if isinstance(key, str):
+                if key not in by_name:
+                    hint = ("this optimizer was built without parameter names; key the fisher by Parameter"
+                            if not by_name else f"known names: {sorted(by_name)[:8]}{' ...' if len(by_name) > 8 else ''}")
+                    raise KeyError(f"fisher has an entry for unknown parameter name {key!r} ({hint})")
+                p, label = by_name[key], repr(key)
+            elif isinstance(key, Tensor):
+                if key not in owned:
+                    raise ValueError(
+                        f"fisher has a tensor for a parameter this optimizer does not own "
+                        f"(shape {tuple(key.shape)}, dtype {key.dtype})"
+                    )
+                p, label = key, _cons.describe(key, owned[key])
+            else:
+                raise TypeError(f"fisher keys must be parameter names or Parameters, got {type(key).__name__}")
+            if not p.requires_grad:
+                continue
+            _cons.check_fisher(f, p, label)
+            if p in out:
+                raise ValueError(f"fisher has two entries for parameter {label}")
+            out[p] = f
+        return list(out.items())
+
+    @torch.no_grad()
+    def running_fisher(self) -> dict[Union[str, Tensor], Tensor]:
+        """Bias-corrected running Fisher F_run / (1 − βᵏ) per parameter that has one
+        (keys: names when built from named parameters, else Parameters)."""
+        out: dict[Union[str, Tensor], Tensor] = {}
+        for p, (gi, _, name) in self._owned().items():
+            state = self.state.get(p, {})
+            beta = self.param_groups[gi]["fisher_ema"]
+            if "fisher_ema" not in state or beta is None:
+                continue
+            k = float(state["fisher_ema_step"])
+            if k == 0:
+                continue
+            corr = 1.0 - beta ** k
+            out[self._key(p, name)] = state["fisher_ema"].float() / corr
+        return out
+
+    @torch.no_grad()
+    def ewc_penalty(self) -> Tensor:
+        """Σ_groups (λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)², exactly, as a float32 tensor (no grad)."""
+        total = torch.zeros((), dtype=torch.float64)
+        device = None
+        for group in self.param_groups:
+            lam = float(group["ewc_lambda"])
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "ewc_fisher" not in state:
+                    continue
+                device = device or p.device
+                q = _cons.quadratic(p.detach(), state["ewc_fisher"], state["ewc_anchor"], state["ewc_const"])
+                total += 0.5 * lam * q.cpu()
+        dev = device or (self.param_groups[0]["params"][0].device if self.param_groups and self.param_groups[0]["params"] else "cpu")
+        return total.to(device=dev, dtype=torch.float32)
+
+    def reset_ewc(self) -> None:
+        """Forget every consolidated task and the running Fisher (Adam state is kept)."""
+        for state in self.state.values():
+            for k in EWC_STATE_KEYS:
+                state.pop(k, None)
+        self._sq_grads = {}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load torch.optim.Adam's or FusedEWCAdam's state dict.
+
+        EWC state is checked against the parameters' shapes before anything changes,
+        and kept in ``ewc_dtype`` on the parameter's device (torch's loader would cast
+        it to the parameter dtype).
+        """
+        groups = self.param_groups
+        saved_groups = state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        id_map: dict[Any, Tensor] = {}
+        for g, sg in zip(groups, saved_groups):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+                )
+            id_map.update(zip(sg["params"], g["params"]))
+        ewc_parts: dict[Tensor, dict[str, Tensor]] = {}
+        rest_state: dict[Any, dict[str, Any]] = {}
+        for pid, st in state_dict["state"].items():
+            p = id_map.get(pid)
+            if p is None:
+                continue
+            for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ewc_fisher", "ewc_anchor", "fisher_ema"):
+                if k in st and tuple(st[k].shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"loaded state dict has {k} of shape {tuple(st[k].shape)} for a parameter of shape "
+                        f"{tuple(p.shape)} (state of another model?); optimizer left unchanged"
+                    )
+            ewc_parts[p] = {k: st[k] for k in EWC_STATE_KEYS if k in st}
+            rest_state[pid] = {k: v for k, v in st.items() if k not in EWC_STATE_KEYS}
+        super().load_state_dict({"state": rest_state, "param_groups": saved_groups})
+        for p, part in ewc_parts.items():
+            st = self.state[p]
+            for k, v in part.items():
+                if k in ("ewc_fisher", "ewc_anchor", "fisher_ema"):
+                    st[k] = v.to(device=p.device, dtype=self.ewc_dtype)
+                else:
+                    st[k] = v.to(dtype=torch.float64).clone()
+
+
+class FusedEWCAdamW(FusedEWCAdam):
+    """:class:`FusedEWCAdam` with decoupled weight decay (``torch.optim.AdamW``)."""
+
+    def __init__(self, params: ParamsT, lr: Union[float, Tensor] = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("decoupled_weight_decay", True)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, **kwargs)

@@ -1,0 +1,313 @@
+"""Fused EWC-Adam step: one pass over memory per parameter tensor.
+
+Per element, with g the task gradient, F the consolidated Fisher, c the anchor,
+F_run the running Fisher and s the squared-gradient source (g² or a buffer)::
+
+    g      ← −g                      if maximize
+    g      ← g + λ·F·(θ − c)         EWC penalty gradient (HAS_EWC)
+    F_run  ← β_F·F_run + (1−β_F)·s   running Fisher (HAS_EMA)
+    θ      ← θ·(1 − lr·wd)           decoupled weight decay, or  g ← g + wd·θ (coupled)
+    m      ← β₁·m + (1−β₁)·g
+    v      ← β₂·v + (1−β₂)·g²
+    v̂max   ← max(v̂max, v)            (AMSGRAD)
+    θ      ← θ − lr/(1−β₁ᵗ) · m / (√v / √(1−β₂ᵗ) + ε)
+
+θ, g, m, v (v̂max), F, c are each read once and θ, m, v (v̂max) written once
+(F_run read and written once more when the running Fisher is on). Arithmetic is
+fp32 whatever the storage dtype (fp32/fp16/bf16): values are loaded, cast to
+fp32, updated and cast back, which is also what keeps the Triton interpreter
+exact for bf16. The bias corrections are computed in fp64 from the step count.
+
+No host synchronisation: the step count ``t`` (already incremented) is read
+from a device tensor, and so is ``lr`` when it is a tensor, so a step can be
+captured in a CUDA graph. Offsets are int64, so tensors over 2³¹ elements work.
+
+Launch count. :func:`ewc_adam_` launches one 1-D grid per tensor. For many small
+tensors :func:`ewc_adam_multi_` launches ONE grid for a whole list: a host-built
+table holds each tensor's ten addresses and each program's (tensor, start)
+pair, and programs load their tensor's pointers from the table (the
+multi-tensor-apply scheme). The Triton interpreter cannot load through
+pointer tables, so that kernel is CUDA-only; both kernels share
+:func:`_ewc_adam_math`, which the interpreter tests through :func:`ewc_adam_`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+MULTI_BLOCK = 1024
+# Tensors at most this large go through the multi-tensor kernel on CUDA.
+MULTI_TENSOR_MAX_NUMEL = 1 << 16
+_N_PTRS = 10  # θ, g, m, v, vmax, F, c, F_run, s, step
+
+
+@triton.jit
+def _ewc_adam_math(
+    p, g, m, v, vmax, f, c, frun, sq,
+    lr, bc1, bc2_sqrt, beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr,
+    HAS_EWC: tl.constexpr, HAS_EMA: tl.constexpr,
+):
+    """The element-wise update on fp32 values; returns (θ, m, v, v̂max, F_run)."""
+    if MAXIMIZE:
+        g = -g
+    if HAS_EMA:
+        frun = fisher_beta * frun + (1.0 - fisher_beta) * sq
+    if HAS_EWC:
+        g = g + ewc_lambda * f * (p - c)
+    if DECOUPLED_WD:
+        p = p * (1.0 - lr * weight_decay)
+    else:
+        g = g + weight_decay * p
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * g * g
+    if AMSGRAD:
+        vmax = tl.maximum(vmax, v)
+        denom = tl.sqrt(vmax) / bc2_sqrt + eps
+    else:
+        denom = tl.sqrt(v) / bc2_sqrt + eps
+    p = p - (lr / bc1) * (m / denom)
+    return p, m, v, vmax, frun
+
+
+@triton.jit
+def _bias_corrections(step_ptr, log_beta1, log_beta2):
+    """(1 − β₁ᵗ, √(1 − β₂ᵗ)) in fp64 from the device step count t, as fp32."""
+    t = tl.load(step_ptr).to(tl.float64)
+    bc1 = 1.0 - tl.exp(t * log_beta1)
+    bc2 = 1.0 - tl.exp(t * log_beta2)
+    return bc1.to(tl.float32), tl.sqrt(bc2).to(tl.float32)
+
+
+@triton.jit
+def _load_update_store(
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr,
+    offs, mask, lr, bc1, bc2_sqrt,
+    beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr,
+    HAS_EWC: tl.constexpr, HAS_EMA: tl.constexpr, SQ_FROM_BUFFER: tl.constexpr,
+):
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    vmax = v
+    if AMSGRAD:
+        vmax = tl.load(vmax_ptr + offs, mask=mask).to(tl.float32)
+    f = g
+    c = g
+    if HAS_EWC:
+        f = tl.load(f_ptr + offs, mask=mask).to(tl.float32)
+        c = tl.load(c_ptr + offs, mask=mask).to(tl.float32)
+    frun = g
+    sq = g * g
+    if HAS_EMA:
+        frun = tl.load(frun_ptr + offs, mask=mask).to(tl.float32)
+        if SQ_FROM_BUFFER:
+            sq = tl.load(sq_ptr + offs, mask=mask).to(tl.float32)
+    p, m, v, vmax, frun = _ewc_adam_math(
+        p, g, m, v, vmax, f, c, frun, sq,
+        lr, bc1, bc2_sqrt, beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta,
+        AMSGRAD, MAXIMIZE, DECOUPLED_WD, HAS_EWC, HAS_EMA,
+    )
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+    if AMSGRAD:
+        tl.store(vmax_ptr + offs, vmax.to(vmax_ptr.dtype.element_ty), mask=mask)
+    if HAS_EMA:
+        tl.store(frun_ptr + offs, frun.to(frun_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def ewc_adam_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr,
+    step_ptr, lr_ptr, n_elements,
+    lr_value, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, ewc_lambda, fisher_beta,
+    LR_IS_TENSOR: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    DECOUPLED_WD: tl.constexpr, HAS_EWC: tl.constexpr, HAS_EMA: tl.constexpr,
+    SQ_FROM_BUFFER: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """One tensor: program i updates elements [i·BLOCK_SIZE, (i+1)·BLOCK_SIZE)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE).to(tl.int64)
+    mask = offs < n_elements
+    if LR_IS_TENSOR:
+        lr = tl.load(lr_ptr).to(tl.float32)
+    else:
+        lr = lr_value
+    bc1, bc2_sqrt = _bias_corrections(step_ptr, log_beta1, log_beta2)
+    _load_update_store(
+        p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr,
+        offs, mask, lr, bc1, bc2_sqrt,
+        beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta,
+        AMSGRAD, MAXIMIZE, DECOUPLED_WD, HAS_EWC, HAS_EMA, SQ_FROM_BUFFER,
+    )
+
+
+@triton.jit
+def ewc_adam_multi_kernel(
+    ptr_table, numel_table, block_tensor, block_start,
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr, step_ptr, lr_ptr,
+    lr_value, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, ewc_lambda, fisher_beta,
+    LR_IS_TENSOR: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    DECOUPLED_WD: tl.constexpr, HAS_EWC: tl.constexpr, HAS_EMA: tl.constexpr,
+    SQ_FROM_BUFFER: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    """Many tensors in one launch (CUDA only: loads pointers from ``ptr_table``).
+
+    Program i updates ``BLOCK_SIZE`` elements of tensor ``block_tensor[i]`` from
+    ``block_start[i]``; row k of ``ptr_table`` holds tensor k's ten addresses
+    (θ, g, m, v, v̂max, F, c, F_run, s, step). The ``*_ptr`` arguments are the
+    first tensor's pointers: they give the element types the addresses are cast to.
+    """
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid).to(tl.int64)
+    start = tl.load(block_start + pid)
+    n = tl.load(numel_table + t)
+    row = ptr_table + t * 10
+    p_t = tl.load(row + 0).to(p_ptr.dtype)
+    g_t = tl.load(row + 1).to(g_ptr.dtype)
+    m_t = tl.load(row + 2).to(m_ptr.dtype)
+    v_t = tl.load(row + 3).to(v_ptr.dtype)
+    vmax_t = tl.load(row + 4).to(vmax_ptr.dtype)
+    f_t = tl.load(row + 5).to(f_ptr.dtype)
+    c_t = tl.load(row + 6).to(c_ptr.dtype)
+    frun_t = tl.load(row + 7).to(frun_ptr.dtype)
+    sq_t = tl.load(row + 8).to(sq_ptr.dtype)
+    step_t = tl.load(row + 9).to(step_ptr.dtype)
+    offs = start + tl.arange(0, BLOCK_SIZE).to(tl.int64)
+    mask = offs < n
+    if LR_IS_TENSOR:
+        lr = tl.load(lr_ptr).to(tl.float32)
+    else:
+        lr = lr_value
+    bc1, bc2_sqrt = _bias_corrections(step_t, log_beta1, log_beta2)
+    _load_update_store(
+        p_t, g_t, m_t, v_t, vmax_t, f_t, c_t, frun_t, sq_t,
+        offs, mask, lr, bc1, bc2_sqrt,
+        beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta,
+        AMSGRAD, MAXIMIZE, DECOUPLED_WD, HAS_EWC, HAS_EMA, SQ_FROM_BUFFER,
+    )
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _scalar_args(lr, beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta):
+    lr_is_tensor = isinstance(lr, torch.Tensor)
+    return lr_is_tensor, (
+        0.0 if lr_is_tensor else float(lr),
+        float(beta1), float(beta2),
+        math.log(beta1) if beta1 > 0 else -math.inf,
+        math.log(beta2) if beta2 > 0 else -math.inf,
+        float(eps), float(weight_decay), float(ewc_lambda), float(fisher_beta),
+    )
+
+
+def ewc_adam_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Optional[Sequence[torch.Tensor]],
+    fishers: Optional[Sequence[torch.Tensor]],
+    anchors: Optional[Sequence[torch.Tensor]],
+    fisher_runs: Optional[Sequence[torch.Tensor]],
+    sq_sources: Optional[Sequence[torch.Tensor]],
+    steps: Sequence[torch.Tensor],
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    ewc_lambda: float,
+    fisher_beta: float,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    multi_tensor: bool = True,
+) -> None:
+    """Update every tensor in place; ``steps`` must already be incremented.
+
+    All tensors are contiguous and on one device; ``params``/``grads``/moments
+    share one dtype, ``fishers``/``anchors``/``fisher_runs`` another. ``None``
+    lists switch the matching feature off (``fishers`` and ``anchors`` go
+    together; ``sq_sources`` None means s = g²). With ``multi_tensor`` on CUDA,
+    tensors of at most :data:`MULTI_TENSOR_MAX_NUMEL` elements share one launch.
+    """
+    has_ewc = fishers is not None
+    has_ema = fisher_runs is not None
+    sq_from_buffer = sq_sources is not None
+    lr_is_tensor, scalars = _scalar_args(lr, beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta)
+    flags = dict(
+        LR_IS_TENSOR=lr_is_tensor, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+        DECOUPLED_WD=decoupled_weight_decay, HAS_EWC=has_ewc, HAS_EMA=has_ema,
+        SQ_FROM_BUFFER=sq_from_buffer,
+    )
+
+    def row(i):
+        g = grads[i]
+        return (
+            params[i], g, exp_avgs[i], exp_avg_sqs[i],
+            max_exp_avg_sqs[i] if amsgrad else exp_avg_sqs[i],
+            fishers[i] if has_ewc else g, anchors[i] if has_ewc else g,
+            fisher_runs[i] if has_ema else g, sq_sources[i] if sq_from_buffer else g,
+            steps[i],
+        )
+
+    lr_t = lr if lr_is_tensor else steps[0]  # placeholder pointer when lr is a float
+    small = []
+    for i, p in enumerate(params):
+        n = p.numel()
+        if n == 0:
+            continue
+        if multi_tensor and p.is_cuda and n <= MULTI_TENSOR_MAX_NUMEL:
+            small.append(i)
+            continue
+        ewc_adam_kernel[(triton.cdiv(n, BLOCK),)](
+            *row(i)[:9], steps[i], lr_t, n, *scalars, **flags, BLOCK_SIZE=BLOCK,
+        )
+    if small:
+        _launch_multi([row(i) for i in small], lr_t, scalars, flags)
+
+
+_TABLE_CACHE: dict = {}
+
+
+def _launch_multi(rows, lr_t, scalars, flags) -> None:
+    """One launch over many small CUDA tensors through a pointer table.
+
+    The tables depend only on the tensors' addresses, so they are cached: with
+    the same tensors (e.g. a CUDA-graph-captured step) no host-to-device copy
+    happens after the first step.
+    """
+    key = tuple(t.data_ptr() for r in rows for t in r)
+    tables = _TABLE_CACHE.get(key)
+    device = rows[0][0].device
+    if tables is None:
+        ptrs = torch.tensor([[t.data_ptr() for t in r] for r in rows], dtype=torch.int64)
+        numels = torch.tensor([r[0].numel() for r in rows], dtype=torch.int64)
+        blk_t, blk_s = [], []
+        for k, r in enumerate(rows):
+            for s in range(0, r[0].numel(), MULTI_BLOCK):
+                blk_t.append(k)
+                blk_s.append(s)
+        tables = tuple(
+            x.to(device, non_blocking=False)
+            for x in (ptrs, numels, torch.tensor(blk_t, dtype=torch.int32), torch.tensor(blk_s, dtype=torch.int64))
+        )
+        if len(_TABLE_CACHE) > 64:
+            _TABLE_CACHE.clear()
+        _TABLE_CACHE[key] = tables
+    ptrs, numels, blk_t, blk_s = tables
+    first = rows[0]
+    ewc_adam_multi_kernel[(blk_t.numel(),)](
+        ptrs, numels, blk_t, blk_s, *first, lr_t, *scalars, **flags, BLOCK_SIZE=MULTI_BLOCK,
+    )
