@@ -170,6 +170,20 @@ def _groups_by_numel(n: int, numels: list[int], budget: int = GROUP_NUMEL):
         yield start, n
 
 
+def _match_layout(params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    """Gradients laid out like their parameters.
+
+    torch's fused CPU Adam walks θ and g as flat memory, so a channels-last θ
+    with a contiguous g silently mixes elements (seen with torch 2.13); a copy
+    in θ's layout is made for such pairs only.
+    """
+    out = list(grads)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g.stride() != p.stride() and p.numel() > 1:
+            out[i] = torch.empty_like(p).copy_(g)
+    return out
+
+
 def _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                     fishers, anchors, fisher_runs, sq_sources, h: Hyper) -> None:
     from torch.optim.adam import adam
@@ -187,8 +201,10 @@ def _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
         # Fused where torch has the kernel for this device and dtype, as optim.Adam(fused=True).
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
-        use_fused = params[0].device.type in _get_fused_kernels_supported_devices() and (
-            params[0].dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+        use_fused = (
+            params[0].device.type in _get_fused_kernels_supported_devices()
+            and params[0].dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+            and all(_dense_non_overlapping(p) for p in params)
         )
     kw = dict(
         foreach=h.foreach, fused=use_fused, capturable=h.capturable,
@@ -197,6 +213,7 @@ def _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
         eps=h.eps, maximize=h.maximize,
     )
     if fishers is None:
+        grads = _match_layout(params, grads)
         adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if h.amsgrad else [], state_steps, **kw)
         return
 
@@ -215,6 +232,7 @@ def _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
         del diff
         if work != p_dtype:
             pen = [t.to(p_dtype) for t in pen]
+        pen = _match_layout(params[s:e], pen)
         adam(
             params[s:e], pen, exp_avgs[s:e], exp_avg_sqs[s:e],
             max_exp_avg_sqs[s:e] if h.amsgrad else [], state_steps[s:e], **kw,
