@@ -283,8 +283,10 @@ class FusedEWCAdam(torch.optim.Adam):
                     "set fisher_ema=β (e.g. 0.99) and take steps first, or pass fisher=..."
                 )
         resolved = self._resolve_fisher(fisher)
+        owned = self._owned()
         for p, f_new in resolved:
-            state = self.state[p]
+            # Adam's state too, so that a checkpoint taken now loads into torch.optim.Adam.
+            state = self._init_state(self.param_groups[owned[p][0]], p)
             new = _cons.combine(
                 p.detach(), f_new,
                 state.get("ewc_fisher"), state.get("ewc_anchor"), state.get("ewc_const"),
@@ -372,6 +374,12 @@ class FusedEWCAdam(torch.optim.Adam):
         and kept in ``ewc_dtype`` on the parameter's device (torch's loader would cast
         it to the parameter dtype).
         """
+        # torch's pre/post hooks run here, around the whole load, so they see the EWC state too.
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        for hook in list(pre_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         groups = self.param_groups
         saved_groups = state_dict["param_groups"]
         if len(groups) != len(saved_groups):
@@ -397,7 +405,13 @@ class FusedEWCAdam(torch.optim.Adam):
                     )
             ewc_parts[p] = {k: st[k] for k in EWC_STATE_KEYS if k in st}
             rest_state[pid] = {k: v for k, v in st.items() if k not in EWC_STATE_KEYS}
-        super().load_state_dict({"state": rest_state, "param_groups": saved_groups})
+        self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
+        self._optimizer_load_state_dict_post_hooks = type(post_hooks)()
+        try:
+            super().load_state_dict({"state": rest_state, "param_groups": saved_groups})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            self._optimizer_load_state_dict_post_hooks = post_hooks
         for p, part in ewc_parts.items():
             st = self.state[p]
             for k, v in part.items():
@@ -405,6 +419,8 @@ class FusedEWCAdam(torch.optim.Adam):
                     st[k] = v.to(device=p.device, dtype=self.ewc_dtype)
                 else:
                     st[k] = v.to(dtype=torch.float64).clone()
+        for hook in list(post_hooks.values()):
+            hook(self)
 
 
 class FusedEWCAdamW(FusedEWCAdam):
