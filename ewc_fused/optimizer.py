@@ -374,6 +374,7 @@ class FusedEWCAdam(torch.optim.Adam):
         and kept in ``ewc_dtype`` on the parameter's device (torch's loader would cast
         it to the parameter dtype).
         """
+        state_dict = state_dict.copy()  # as torch: hooks may replace keys, never in the caller's dict
         # torch's pre/post hooks run here, around the whole load, so they see the EWC state too.
         pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         for hook in list(pre_hooks.values()):
