@@ -1,0 +1,520 @@
+"""Diagonal Fisher information from per-sample squared gradients, without per-sample gradients.
+
+Math. For samples n = 1..N with per-sample losses ℓ_n(θ), the diagonal Fisher is
+
+    F = (1/N) Σ_n (∇_θ ℓ_n)²                       mode="empirical" (ℓ at the true target)
+    F = (1/N) Σ_n Σ_c p_nc (∇_θ ℓ_n(c))²           mode="exact", p_n = softmax(model(x_n))
+
+the same quantity as :func:`ewc_fused.reference.per_sample_fisher`, returned in fp32.
+
+Mechanism. Forward hooks on every module that owns trainable parameters save its
+input X (detached) and its output Y. The *sum* of the per-sample losses is
+differentiated with ``torch.autograd.grad`` w.r.t. those outputs only, so no weight
+gradient is ever formed. Because sample n's loss depends only on sample n's outputs,
+row n of G = ∂(Σ_n ℓ_n)/∂Y is sample n's own output gradient. Per module type:
+
+* ``nn.Linear`` (X: (N, *, in), G: (N, *, out), flattened to (N, T, ·)):
+  S_W += Σ_n (G_nᵀ X_n)², S_b += Σ_n (Σ_t G_nt)², by ``ewc_fused.kernels.fisher_linear``
+  (Triton kernels on CUDA, a bounded-memory torch version elsewhere).
+* ``nn.Embedding``: sample n's gradient of row r is Σ_{t: idx_nt = r} G_nt (none for
+  ``padding_idx``); formed sparsely per chunk of samples, squared and scattered.
+* ``nn.LayerNorm`` / ``nn.RMSNorm``: x̂ is recomputed from X; weight Σ_t G_nt ⊙ x̂_nt,
+  bias Σ_t G_nt, squared and summed over n.
+* any other module with parameters of its own: per-sample gradients of ⟨module(x_n), G_n⟩
+  w.r.t. its own parameters by ``torch.func`` (``vmap(grad(functional_call))``) over
+  bounded chunks of samples.
+
+A module called several times in one forward is handled by concatenating its calls
+along T (a per-sample gradient is the sum over calls). In mode "exact" one
+backward per class c differentiates Σ_n √p_nc ℓ_n(c), so G_n is scaled by √p_nc and
+every rule above squares it into p_nc (∇ℓ_n(c))².
+
+Assumptions: every module takes the sample dimension first, and ``loss_fn`` returns
+losses in which sample n depends only on sample n (no batch statistics: BatchNorm
+using batch statistics is refused; put the model in ``eval()``). The model is used in
+the mode it is in (dropout in training mode makes the estimate random).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .functional import resolve_backend
+
+__all__ = ["estimate_fisher", "MODES"]
+
+MODES = ("empirical", "exact")
+# Elements of per-sample temporaries (per-sample gradients, x̂, ...) alive at once.
+_CHUNK_ELEMS = 1 << 24
+
+_RMSNorm = getattr(nn, "RMSNorm", None)
+
+
+# --------------------------------------------------------------------------- helpers
+def _module_desc(path: str, module: nn.Module) -> str:
+    return f"'{path or '<root>'}' ({type(module).__name__})"
+
+
+def _first_tensor(x: Any) -> Optional[Tensor]:
+    for leaf in tree_flatten(x)[0]:
+        if isinstance(leaf, Tensor):
+            return leaf
+    return None
+
+
+def _batch_size(inputs: Any, batch_index: int) -> int:
+    t = _first_tensor(inputs)
+    if t is None or t.dim() == 0:
+        raise ValueError(
+            f"batch {batch_index}: inputs must be a tensor with a leading sample dimension "
+            f"(or a tuple/dict holding one); got {type(inputs).__name__}")
+    return int(t.shape[0])
+
+
+def _slice_samples(x: Any, n_all: int, k: int) -> Any:
+    """Keep the first k samples of every tensor whose leading dim is the batch size."""
+    return tree_map(lambda t: t[:k] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n_all else t, x)
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(inputs)
+
+
+def _linear_torch_fallback(out_w: Tensor, G: Tensor, X: Tensor, out_b: Optional[Tensor]) -> None:
+    """``linear_sq_grad_sum_torch_`` for installs without triton (same math, fp32)."""
+    n_out, n_in = out_w.shape
+    chunk = max(1, _CHUNK_ELEMS // max(1, n_out * n_in))
+    for s in range(0, G.shape[0], chunk):
+        g, x = G[s:s + chunk].float(), X[s:s + chunk].float()
+        out_w.add_(torch.bmm(g.transpose(1, 2), x).square_().sum(0))
+        if out_b is not None:
+            out_b.add_(g.sum(1).square_().sum(0))
+
+
+def _linear_launcher(backend: str) -> Callable:
+    if backend == "triton":
+        from .kernels.fisher_linear import linear_sq_grad_sum_
+        return linear_sq_grad_sum_
+    try:
+        from .kernels.fisher_linear import linear_sq_grad_sum_torch_
+    except ImportError:  # triton not installed: the kernels module imports it
+        return _linear_torch_fallback
+    return linear_sq_grad_sum_torch_
+
+
+# --------------------------------------------------------------------------- rules
+class _Hooked:
+    """One module whose parameters get a Fisher, with its saved calls of this batch."""
+
+    def __init__(self, path: str, module: nn.Module, params: dict[str, nn.Parameter], kind: str):
+        self.path, self.module, self.params, self.kind = path, module, params, kind
+        self.calls: list[tuple[Any, Any, Any]] = []  # (args, kwargs, output) per call
+        self.versions: list[list[int]] = []
+
+    @property
+    def desc(self) -> str:
+        return _module_desc(self.path, self.module)
+
+    def check_rows(self, t: Tensor, n: int, what: str, min_dim: int = 1) -> None:
+        if t.dim() < min_dim or t.shape[0] != n:
+            raise ValueError(
+                f"module {self.desc}: its {what} has shape {tuple(t.shape)} but the batch has {n} "
+                "samples; per-sample Fisher needs every module to take the sample dimension first")
+
+
+def _flat3(t: Tensor, n: int, feat: int) -> Tensor:
+    return t.reshape(n, -1, feat)
+
+
+def _rule_linear(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: str) -> None:
+    m: nn.Linear = h.module
+    xs, gs = [], []
+    for args, _, g in calls:
+        x = args[0]
+        h.check_rows(x, n, "input", 2)
+        h.check_rows(g, n, "output", 2)
+        xs.append(_flat3(x, n, m.in_features))
+        gs.append(_flat3(g, n, m.out_features))
+    X = xs[0] if len(xs) == 1 else torch.cat(xs, 1)
+    G = gs[0] if len(gs) == 1 else torch.cat(gs, 1)
+    if X.dtype != G.dtype or X.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        X, G = X.float(), G.float()
+    w, b = bufs.get("weight"), bufs.get("bias")
+    if w is not None:
+        be = resolve_backend(backend, X.device)
+        _linear_launcher(be)(w, G, X, b)
+    elif b is not None:
+        b.add_(G.float().sum(1).square().sum(0))
+
+
+def _rule_embedding(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: str) -> None:
+    m: nn.Embedding = h.module
+    if m.scale_grad_by_freq:
+        raise ValueError(
+            f"module {h.desc}: scale_grad_by_freq=True scales gradients by batch-wide counts, "
+            "so per-sample gradients are undefined")
+    w = bufs.get("weight")
+    if w is None:
+        return
+    idxs, gs = [], []
+    for args, _, g in calls:
+        idx = args[0]
+        h.check_rows(idx, n, "input")
+        h.check_rows(g, n, "output", 2)
+        idxs.append(idx.reshape(n, -1))
+        gs.append(_flat3(g, n, m.embedding_dim))
+    idx = idxs[0] if len(idxs) == 1 else torch.cat(idxs, 1)
+    G = gs[0] if len(gs) == 1 else torch.cat(gs, 1)
+    V, D, T = m.num_embeddings, m.embedding_dim, idx.shape[1]
+    acc_dtype = torch.promote_types(G.dtype, torch.float32)
+    chunk = max(1, _CHUNK_ELEMS // max(1, T * D))
+    for s in range(0, n, chunk):
+        i = idx[s:s + chunk]
+        c = i.shape[0]
+        local = torch.arange(c, device=i.device, dtype=torch.int64).unsqueeze(1)
+        key = (local * V + i.long()).reshape(-1)
+        g = G[s:s + chunk].reshape(-1, D)
+        if m.padding_idx is not None:
+            keep = (i != m.padding_idx).reshape(-1)
+            key, g = key[keep], g[keep]
+        uniq, inv = torch.unique(key, return_inverse=True)
+        per = torch.zeros(uniq.numel(), D, dtype=acc_dtype, device=g.device).index_add_(0, inv, g.to(acc_dtype))
+        w.index_add_(0, uniq % V, per.square_().float())
+
+
+def _rule_norm(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: str) -> None:
+    m = h.module
+    shape = tuple(m.normalized_shape)
+    D = math.prod(shape)
+    is_ln = isinstance(m, nn.LayerNorm)
+    w, b = bufs.get("weight"), bufs.get("bias")
+    for args, _, g in calls:
+        h.check_rows(args[0], n, "input", 1 + len(shape))
+        h.check_rows(g, n, "output", 1 + len(shape))
+    x0 = calls[0][0][0]
+    ct = torch.promote_types(x0.dtype, torch.float32)
+    eps = m.eps if m.eps is not None else torch.finfo(x0.dtype).eps
+    per_sample = sum(a[0].numel() for a, _, _ in calls) // max(1, n)
+    chunk = max(1, _CHUNK_ELEMS // max(1, per_sample))
+    for s in range(0, n, chunk):
+        gw = gb = None  # per-sample gradients of this chunk, summed over calls
+        for args, _, g in calls:
+            xf = args[0][s:s + chunk]
+            xf = _flat3(xf, xf.shape[0], D).to(ct)
+            gf = _flat3(g[s:s + chunk], xf.shape[0], D).to(ct)
+            if w is not None:
+                if is_ln:
+                    xc = xf - xf.mean(-1, keepdim=True)
+                    xhat = xc * torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps)
+                else:
+                    xhat = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+                t = (gf * xhat).sum(1)
+                gw = t if gw is None else gw + t
+            if b is not None:
+                t = gf.sum(1)
+                gb = t if gb is None else gb + t
+        if w is not None:
+            w.add_(gw.square().sum(0).reshape(shape).float())
+        if b is not None:
+            b.add_(gb.square().sum(0).reshape(shape).float())
+
+
+def _rule_generic(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: str) -> None:
+    from torch.func import functional_call, grad, vmap
+
+    names = list(bufs)
+    params = {k: h.params[k].detach() for k in names}
+    numel = sum(p.numel() for p in params.values())
+    chunk = max(1, _CHUNK_ELEMS // max(1, numel))
+
+    try:
+        for s in range(0, n, chunk):
+            total: Optional[dict[str, Tensor]] = None
+            for args, kwargs, g in calls:
+                leaves, spec = tree_flatten((args, kwargs))
+                batched = [i for i, t in enumerate(leaves)
+                           if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n]
+                if not batched:
+                    raise ValueError("none of its inputs has the batch's sample dimension first")
+
+                def inner(p, xb, gb, leaves=leaves, spec=spec, batched=batched):
+                    full = list(leaves)
+                    for j, i in enumerate(batched):
+                        full[i] = xb[j]
+                    a, kw = tree_unflatten(full, spec)
+                    out = functional_call(h.module, p, tuple(a), kw)
+                    out_leaves = [o for o in tree_flatten(out)[0] if isinstance(o, Tensor)]
+                    if len(out_leaves) != len(gb):
+                        raise ValueError("its output structure changed between calls")
+                    return sum((o * gg).sum() for o, gg in zip(out_leaves, gb))
+
+                # every sample as a batch of one: (chunk, 1, ...)
+                xb = [leaves[i][s:s + chunk].unsqueeze(1) for i in batched]
+                gb = [t[s:s + chunk].unsqueeze(1) for t in g]
+                per = vmap(grad(inner), in_dims=(None, 0, 0))(params, xb, gb)
+                total = per if total is None else {k: total[k] + per[k] for k in names}
+            for k in names:
+                bufs[k].add_(total[k].float().square().sum(0))
+    except Exception as e:  # noqa: BLE001 - re-raised with the module named
+        raise ValueError(
+            f"cannot compute per-sample gradients of module {h.desc} with the generic torch.func "
+            f"path (vmap(grad(functional_call)) over single samples): {type(e).__name__}: {e}") from e
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, nn.LayerNorm) or (_RMSNorm is not None and isinstance(module, _RMSNorm)):
+        return "norm"
+    return "generic"
+
+
+_RULES = {"linear": _rule_linear, "embedding": _rule_embedding, "norm": _rule_norm, "generic": _rule_generic}
+
+
+def _collect(model: nn.Module) -> tuple[list[_Hooked], dict[int, str]]:
+    """Modules owning trainable parameters; refuses shared parameters and batch-statistics BatchNorm."""
+    names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    if not names:
+        raise ValueError("the model has no trainable parameters (none with requires_grad=True)")
+    owner: dict[int, str] = {}
+    hooked = []
+    for path, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                module.training or module.running_mean is None):
+            raise ValueError(
+                f"module {_module_desc(path, module)} normalises with batch statistics "
+                "(training mode or track_running_stats=False), so per-sample gradients are "
+                "undefined; call model.eval() first")
+        own = {k: p for k, p in module.named_parameters(recurse=False) if p.requires_grad}
+        for k, p in own.items():
+            here = f"{path}.{k}" if path else k
+            if id(p) in owner:
+                raise ValueError(
+                    f"parameter '{names[id(p)]}' is shared by modules '{owner[id(p)] or '<root>'}' "
+                    f"and '{path or '<root>'}' ({here}); shared parameters are not supported")
+            owner[id(p)] = path
+        if own:
+            hooked.append(_Hooked(path, module, own, _kind(module)))
+    return hooked, names
+
+
+# --------------------------------------------------------------------------- public
+def estimate_fisher(
+    model: nn.Module,
+    data: Iterable,
+    loss_fn: Callable[[Any, Any], Tensor],
+    *,
+    mode: str = "empirical",
+    max_samples: Optional[int] = None,
+    backend: str = "auto",
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Diagonal Fisher (mean over samples of squared per-sample gradients), fp32.
+
+    Args:
+        model: the network, used in its current train/eval mode (restored afterwards,
+            as are existing ``.grad`` fields).
+        data: yields ``(inputs, targets)``; inputs a tensor, a tuple (``model(*x)``) or
+            a dict (``model(**x)``), with the sample dimension first.
+        loss_fn: ``loss_fn(outputs, targets)`` -> per-sample losses of shape (N,).
+        mode: ``"empirical"`` (true targets) or ``"exact"`` (Σ_c p_c ∇ℓ(x, c)², with p
+            the softmax of outputs of shape (N, C)).
+        max_samples: stop after this many samples (the last batch is cut).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the Linear kernels.
+        progress: show a tqdm bar over batches when tqdm imports.
+
+    Returns:
+        {parameter name: fp32 Fisher of the parameter's shape} for every parameter
+        with ``requires_grad``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Invalid mode: {mode!r}; supported modes are {MODES}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"Invalid backend: {backend!r}; expected one of ('auto', 'triton', 'torch')")
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+    if not callable(loss_fn):
+        raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+
+    hooked, names = _collect(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bufs: dict[str, dict[str, Tensor]] = {
+        h.path: {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in h.params.items()}
+        for h in hooked}
+
+    modes = {m: m.training for m in model.modules()}
+    grads = [p.grad for p in params]
+    state = {"active": False, "clone": False}
+
+    def hook(module, args, kwargs, output, h):
+        if not state["active"]:
+            return None
+        out_leaves = [o for o in tree_flatten(output)[0] if isinstance(o, Tensor)]
+        h.versions.append([o._version for o in out_leaves])
+        h.calls.append((tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, args),
+                        tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, kwargs), output))
+        if state["clone"]:  # a later in-place op must not rewrite the tensor we differentiate
+            return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, output)
+        return None
+
+    handles = [h.module.register_forward_hook(lambda m, a, k, o, h=h: hook(m, a, k, o, h), with_kwargs=True)
+               for h in hooked]
+
+    it: Iterable = data
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+            it = tqdm(data, desc="Fisher", unit="batch")
+        except ImportError:
+            pass
+
+    count = 0
+    finite: list[tuple[int, Tensor]] = []
+    try:
+        for bi, batch in enumerate(it):
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise ValueError(f"batch {bi}: data must yield (inputs, targets) pairs, got {type(batch).__name__}")
+            inputs, targets = batch
+            n = _batch_size(inputs, bi)
+            if max_samples is not None and count + n > max_samples:
+                k = max_samples - count
+                inputs, targets = _slice_samples(inputs, n, k), _slice_samples(targets, n, k)
+                n = k
+            if n == 0:
+                continue
+            count += n
+            _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, mode, backend, finite)
+            if max_samples is not None and count >= max_samples:
+                break  # before pulling another batch from `data`
+        if count == 0:
+            raise ValueError("data yielded no samples")
+        for bi, ok in finite:
+            if not bool(ok):
+                raise ValueError(f"batch {bi}: loss_fn returned non-finite losses (NaN or inf)")
+    finally:
+        if it is not data and hasattr(it, "close"):
+            it.close()
+        state["active"] = False
+        for hd in handles:
+            hd.remove()
+        for h in hooked:
+            h.calls.clear()
+            h.versions.clear()
+        for m, t in modes.items():
+            m.training = t
+        for p, g in zip(params, grads):
+            p.grad = g
+
+    out: dict[str, Tensor] = {}
+    by_id = {id(p): (h.path, k) for h in hooked for k, p in h.params.items()}
+    for p in model.parameters():
+        if id(p) in names and names[id(p)] not in out:
+            path, k = by_id[id(p)]
+            out[names[id(p)]] = bufs[path][k].div_(count)
+    return out
+
+
+def _check_losses(losses: Any, n: int, bi: int, what: str) -> Tensor:
+    if not isinstance(losses, Tensor):
+        raise ValueError(f"batch {bi}: loss_fn must return a tensor of per-sample losses, got {type(losses).__name__}")
+    if tuple(losses.shape) != (n,):
+        raise ValueError(
+            f"batch {bi}: loss_fn{what} returned shape {tuple(losses.shape)}, expected ({n},): one loss "
+            "per sample (use reduction='none', and sum over tokens yourself)")
+    if not losses.requires_grad:
+        raise ValueError(f"batch {bi}: the losses do not depend on the model through autograd")
+    return losses
+
+
+def _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, mode, backend, finite) -> None:
+    with torch.enable_grad():
+        for _attempt in range(2):
+            for h in hooked:
+                h.calls.clear()
+                h.versions.clear()
+            state["active"] = True
+            try:
+                outputs = _call(model, inputs)
+            finally:
+                state["active"] = False
+            losses = _check_losses(loss_fn(outputs, targets), n, bi, "")
+            rewritten = any(
+                o._version != v
+                for h in hooked for (_, _, out), vs in zip(h.calls, h.versions)
+                for o, v in zip([o for o in tree_flatten(out)[0] if isinstance(o, Tensor)], vs))
+            if not rewritten:
+                break
+            if state["clone"]:  # pragma: no cover - cloned outputs are never modified
+                raise RuntimeError("module outputs modified in place even after cloning")
+            state["clone"] = True  # e.g. ReLU(inplace=True): redo this batch with cloned outputs
+        finite.append((bi, torch.isfinite(losses.detach()).all()))
+
+        # the tensors to differentiate: every saved output leaf that is in the graph
+        slots = []  # (hooked, call index, leaf index)
+        targets_t = []
+        for h in hooked:
+            for ci, (_, _, out) in enumerate(h.calls):
+                for li, o in enumerate(tree_flatten(out)[0]):
+                    if isinstance(o, Tensor) and o.requires_grad:
+                        slots.append((h, ci, li))
+                        targets_t.append(o)
+        if not targets_t:
+            return
+
+        if mode == "empirical":
+            weighted = [losses.sum()]
+        else:
+            if not isinstance(outputs, Tensor) or outputs.dim() != 2 or outputs.shape[0] != n:
+                shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+                raise ValueError(
+                    f"mode='exact' needs model outputs of shape (N, C) = ({n}, C), one class distribution "
+                    f"per sample; got {shape}")
+            if not isinstance(targets, Tensor):
+                raise ValueError(f"batch {bi}: mode='exact' needs tensor targets, got {type(targets).__name__}")
+            probs = torch.softmax(outputs.detach().to(torch.promote_types(outputs.dtype, torch.float32)), -1)
+            weighted = []
+            for c in range(outputs.shape[-1]):
+                lc = _check_losses(loss_fn(outputs, torch.full_like(targets, c)), n, bi, f" (class {c})")
+                weighted.append((lc * probs[:, c].sqrt().to(lc.dtype)).sum())
+
+        for wi, total in enumerate(weighted):
+            gs = torch.autograd.grad(total, targets_t, retain_graph=wi + 1 < len(weighted), allow_unused=True)
+            per_h: dict[int, dict[int, dict[int, Tensor]]] = {}
+            for (h, ci, li), g in zip(slots, gs):
+                per_h.setdefault(id(h), {}).setdefault(ci, {})[li] = g
+            for h in hooked:
+                got = per_h.get(id(h))
+                if not got:
+                    continue
+                calls = []
+                for ci, (args, kwargs, out) in enumerate(h.calls):
+                    leaves, spec = tree_flatten(out)
+                    g_leaves = [got.get(ci, {}).get(li) for li in range(len(leaves))]
+                    if all(g is None for g in g_leaves):
+                        continue
+                    if h.kind != "generic":
+                        if not isinstance(out, Tensor):
+                            raise ValueError(f"module {h.desc} returned {type(out).__name__}, expected a tensor")
+                        calls.append((args, kwargs, g_leaves[0]))
+                    else:
+                        g_leaves = [g if g is not None or not isinstance(o, Tensor) else torch.zeros_like(o)
+                                    for g, o in zip(g_leaves, leaves)]
+                        calls.append((args, kwargs, [g for g, o in zip(g_leaves, leaves) if isinstance(o, Tensor)]))
+                if calls:
+                    with torch.no_grad() if h.kind != "generic" else contextlib.nullcontext():
+                        _RULES[h.kind](h, calls, n, bufs[h.path], backend)
+
