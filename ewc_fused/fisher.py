@@ -4,8 +4,12 @@ Math. For samples n = 1..N with per-sample losses ℓ_n(θ), the diagonal Fisher
 
     F = (1/N) Σ_n (∇_θ ℓ_n)²                       mode="empirical" (ℓ at the true target)
     F = (1/N) Σ_n Σ_c p_nc (∇_θ ℓ_n(c))²           mode="exact", p_n = softmax(model(x_n))
+    F = (1/N) Σ_n (∇_θ ℓ_n(ŷ_n))², ŷ_n ~ p_n        mode="sampled" (one-sample estimate of "exact")
+    F = (1/B) Σ_b (∇_θ mean_{n∈b} ℓ_n)²            mode="batch" (squared mini-batch gradients)
 
-the same quantity as :func:`ewc_fused.reference.per_sample_fisher`, returned in fp32.
+the same quantities as :func:`ewc_fused.reference.per_sample_fisher`, returned in fp32.
+Mode "batch" is about batch-size times smaller than the others (see the README); it is
+plain autograd and needs none of what follows.
 
 Mechanism. Forward hooks on every module that owns trainable parameters save its
 input X (detached) and its output Y. The *sum* of the per-sample losses is
@@ -49,7 +53,7 @@ from .functional import resolve_backend
 
 __all__ = ["estimate_fisher", "MODES"]
 
-MODES = ("empirical", "exact")
+MODES = ("empirical", "exact", "sampled", "batch")
 # Elements of per-sample temporaries (per-sample gradients, x̂, ...) alive at once.
 _CHUNK_ELEMS = 1 << 24
 
@@ -284,11 +288,13 @@ def _kind(module: nn.Module) -> str:
 _RULES = {"linear": _rule_linear, "embedding": _rule_embedding, "norm": _rule_norm, "generic": _rule_generic}
 
 
-def _collect(model: nn.Module) -> tuple[list[_Hooked], dict[int, str]]:
+def _collect(model: nn.Module, per_sample: bool) -> tuple[list[_Hooked], dict[int, str]]:
     """Modules owning trainable parameters; refuses shared parameters and batch-statistics BatchNorm."""
     names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
     if not names:
         raise ValueError("the model has no trainable parameters (none with requires_grad=True)")
+    if not per_sample:
+        return [], names
     owner: dict[int, str] = {}
     hooked = []
     for path, module in model.named_modules():
@@ -330,8 +336,10 @@ def estimate_fisher(
         data: yields ``(inputs, targets)``; inputs a tensor, a tuple (``model(*x)``) or
             a dict (``model(**x)``), with the sample dimension first.
         loss_fn: ``loss_fn(outputs, targets)`` -> per-sample losses of shape (N,).
-        mode: ``"empirical"`` (true targets) or ``"exact"`` (Σ_c p_c ∇ℓ(x, c)², with p
-            the softmax of outputs of shape (N, C)).
+        mode: ``"empirical"`` (true targets), ``"exact"`` (Σ_c p_c ∇ℓ(x, c)², with p
+            the softmax of outputs of shape (N, C)), ``"sampled"`` (labels drawn from p,
+            one per sample, from torch's global RNG) or ``"batch"`` (squared gradients
+            of the batch-mean loss, averaged over batches).
         max_samples: stop after this many samples (the last batch is cut).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the Linear kernels.
         progress: show a tqdm bar over batches when tqdm imports.
@@ -350,8 +358,9 @@ def estimate_fisher(
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
 
-    hooked, names = _collect(model)
+    hooked, names = _collect(model, per_sample=mode != "batch")
     params = [p for p in model.parameters() if p.requires_grad]
+    batch_acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params] if mode == "batch" else []
     bufs: dict[str, dict[str, Tensor]] = {
         h.path: {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k, p in h.params.items()}
         for h in hooked}
@@ -382,7 +391,7 @@ def estimate_fisher(
         except ImportError:
             pass
 
-    count = 0
+    count = n_batches = 0
     finite: list[tuple[int, Tensor]] = []
     try:
         for bi, batch in enumerate(it):
@@ -397,7 +406,11 @@ def estimate_fisher(
             if n == 0:
                 continue
             count += n
-            _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, mode, backend, finite)
+            n_batches += 1
+            if mode == "batch":
+                _one_batch_mean(model, params, batch_acc, inputs, targets, n, bi, loss_fn, finite)
+            else:
+                _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, mode, backend, finite)
             if max_samples is not None and count >= max_samples:
                 break  # before pulling another batch from `data`
         if count == 0:
@@ -420,6 +433,8 @@ def estimate_fisher(
             p.grad = g
 
     out: dict[str, Tensor] = {}
+    if mode == "batch":
+        return {names[id(p)]: a.div_(n_batches) for p, a in zip(params, batch_acc)}
     by_id = {id(p): (h.path, k) for h in hooked for k, p in h.params.items()}
     for p in model.parameters():
         if id(p) in names and names[id(p)] not in out:
@@ -438,6 +453,18 @@ def _check_losses(losses: Any, n: int, bi: int, what: str) -> Tensor:
     if not losses.requires_grad:
         raise ValueError(f"batch {bi}: the losses do not depend on the model through autograd")
     return losses
+
+
+def _one_batch_mean(model, params, acc, inputs, targets, n, bi, loss_fn, finite) -> None:
+    """mode="batch": the squared gradient of the batch-mean loss (no per-sample terms)."""
+    with torch.enable_grad():
+        losses = _check_losses(loss_fn(_call(model, inputs), targets), n, bi, "")
+        finite.append((bi, torch.isfinite(losses.detach()).all()))
+        grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
+    with torch.no_grad():
+        for a, g in zip(acc, grads):
+            if g is not None:
+                a.add_(g.float().square())
 
 
 def _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, mode, backend, finite) -> None:
@@ -481,12 +508,16 @@ def _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, mode
             if not isinstance(outputs, Tensor) or outputs.dim() != 2 or outputs.shape[0] != n:
                 shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
                 raise ValueError(
-                    f"mode='exact' needs model outputs of shape (N, C) = ({n}, C), one class distribution "
+                    f"mode={mode!r} needs model outputs of shape (N, C) = ({n}, C), one class distribution "
                     f"per sample; got {shape}")
             if not isinstance(targets, Tensor):
-                raise ValueError(f"batch {bi}: mode='exact' needs tensor targets, got {type(targets).__name__}")
+                raise ValueError(f"batch {bi}: mode={mode!r} needs tensor targets, got {type(targets).__name__}")
             probs = torch.softmax(outputs.detach().to(torch.promote_types(outputs.dtype, torch.float32)), -1)
             weighted = []
+        if mode == "sampled":  # one label per sample drawn from the model: an unbiased estimate of "exact"
+            ys = torch.multinomial(probs, 1).squeeze(1).to(targets.dtype).reshape(targets.shape)
+            weighted.append(_check_losses(loss_fn(outputs, ys), n, bi, " (sampled labels)").sum())
+        elif mode == "exact":
             for c in range(outputs.shape[-1]):
                 lc = _check_losses(loss_fn(outputs, torch.full_like(targets, c)), n, bi, f" (class {c})")
                 weighted.append((lc * probs[:, c].sqrt().to(lc.dtype)).sum())

@@ -43,6 +43,22 @@ def test_mlp_matches_reference(mode):
     _close(estimate_fisher(model, data, _ce, mode=mode), per_sample_fisher(model, data, _ce, mode=mode))
 
 
+def test_sampled_mode_is_empirical_at_drawn_labels():
+    model, data = _mlp(), _mlp_batches()
+    torch.manual_seed(1)
+    got = estimate_fisher(model, data, _ce, mode="sampled")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        drawn = [(x, torch.multinomial(torch.softmax(model(x), -1), 1).squeeze(1)) for x, _ in data]
+    _close(got, per_sample_fisher(model, drawn, _ce))
+
+
+def test_batch_mode_matches_reference_even_with_batchnorm_training():
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4)).double()
+    data = _mlp_batches()
+    _close(estimate_fisher(model, data, _ce, mode="batch"), per_sample_fisher(model, data, _ce, mode="batch"))
+
+
 def test_inplace_relu_after_linear():
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 4)).double()
     data = _mlp_batches((4, 3))
@@ -337,8 +353,8 @@ def test_bad_input():
     bad[2][0][1, 0] = float("nan")
     with pytest.raises(ValueError, match="batch 2: .*non-finite"):
         estimate_fisher(model, bad, _ce)
-    with pytest.raises(ValueError, match=r"supported modes are \('empirical', 'exact'\)"):
-        estimate_fisher(model, data, _ce, mode="sampled")
+    with pytest.raises(ValueError, match=r"supported modes are \('empirical', 'exact', 'sampled', 'batch'\)"):
+        estimate_fisher(model, data, _ce, mode="kfac")
     with pytest.raises(ValueError, match="Invalid backend"):
         estimate_fisher(model, data, _ce, backend="cuda")
     with pytest.raises(ValueError, match="max_samples"):
@@ -351,3 +367,11 @@ def test_bad_input():
     # nothing was left behind by the failures
     assert all(not m._forward_hooks for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_float32_model_auto_backend():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    data = [(torch.randn(n, 6), torch.randint(0, 4, (n,))) for n in (5, 3)]
+    got = estimate_fisher(model, data, _ce)
+    want = per_sample_fisher(model.double(), [(x.double(), y) for x, y in data], _ce)
+    _close(got, want)
