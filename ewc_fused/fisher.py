@@ -515,6 +515,8 @@ def _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, mode
             probs = torch.softmax(outputs.detach().to(torch.promote_types(outputs.dtype, torch.float32)), -1)
             weighted = []
         if mode == "sampled":  # one label per sample drawn from the model: an unbiased estimate of "exact"
+            if not bool(torch.isfinite(probs).all()):
+                raise ValueError(f"batch {bi}: the model's outputs are non-finite (NaN or inf); cannot sample labels")
             ys = torch.multinomial(probs, 1).squeeze(1).to(targets.dtype).reshape(targets.shape)
             weighted.append(_check_losses(loss_fn(outputs, ys), n, bi, " (sampled labels)").sum())
         elif mode == "exact":

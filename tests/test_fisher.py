@@ -353,6 +353,10 @@ def test_bad_input():
     bad[2][0][1, 0] = float("nan")
     with pytest.raises(ValueError, match="batch 2: .*non-finite"):
         estimate_fisher(model, bad, _ce)
+    with pytest.raises(ValueError, match="batch 2: .*non-finite"):
+        estimate_fisher(model, bad, _ce, mode="sampled")
+    with pytest.raises(ValueError, match="batch 2: .*non-finite"):
+        estimate_fisher(model, bad, _ce, mode="batch")
     with pytest.raises(ValueError, match=r"supported modes are \('empirical', 'exact', 'sampled', 'batch'\)"):
         estimate_fisher(model, data, _ce, mode="kfac")
     with pytest.raises(ValueError, match="Invalid backend"):
