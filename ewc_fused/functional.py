@@ -12,8 +12,8 @@ Backends:
 * ``"torch"``: the penalty gradient with foreach ops over groups of at most
   :data:`GROUP_NUMEL` elements (temporaries bounded by that, or by the largest
   tensor), handed to ``torch.optim.adam.adam`` (its fused kernel where the device
-  has one): the same numbers wherever torch runs, and exactly ``torch.optim.Adam``
-  for tensors without EWC state.
+  has one): the same numbers wherever torch runs, and torch's Adam itself for
+  tensors without EWC state (bit-identical with the same ``fused``/``foreach`` flags).
 """
 from __future__ import annotations
 
@@ -148,11 +148,14 @@ def _triton_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, stat
                      fishers, anchors, fisher_runs, sq_sources, h: Hyper) -> None:
     from ewc_fused.kernels.ewc_adam import ewc_adam_
 
+    lr = h.lr
+    if isinstance(lr, Tensor) and lr.device != params[0].device:
+        lr = lr.to(params[0].device, non_blocking=True)
     torch._foreach_add_(state_steps, 1)
     ewc_adam_(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if h.amsgrad else None,
         fishers, anchors, fisher_runs, sq_sources, state_steps,
-        lr=h.lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps, weight_decay=h.weight_decay,
+        lr=lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps, weight_decay=h.weight_decay,
         ewc_lambda=h.ewc_lambda, fisher_beta=h.fisher_beta, amsgrad=h.amsgrad,
         maximize=h.maximize, decoupled_weight_decay=h.decoupled_weight_decay,
     )
@@ -205,6 +208,9 @@ def _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
             params[0].device.type in _get_fused_kernels_supported_devices()
             and params[0].dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
             and all(_dense_non_overlapping(p) for p in params)
+            # torch's fused CPU Adam walks θ, g, m, v as flat memory: all must share θ's layout.
+            and all(t.stride() == p.stride() for ts in (exp_avgs, exp_avg_sqs, max_exp_avg_sqs if h.amsgrad else [])
+                    for p, t in zip(params, ts))
         )
     kw = dict(
         foreach=h.foreach, fused=use_fused, capturable=h.capturable,

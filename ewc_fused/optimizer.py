@@ -40,7 +40,8 @@ class FusedEWCAdam(torch.optim.Adam):
         θ ← θ − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)
 
     Until :meth:`consolidate` is called it is ``torch.optim.Adam`` (same
-    arguments, param groups, state keys and results). On CUDA with Triton the
+    arguments, param groups and state keys; results equal to 1e-6 relative, and
+    bit-identical on the torch backend with the same ``fused``/``foreach`` flags). On CUDA with Triton the
     whole update is one kernel pass that reads θ, g, m, v, F, c once and writes
     θ, m, v once; elsewhere a PyTorch backend computes the same numbers.
 
@@ -153,9 +154,9 @@ class FusedEWCAdam(torch.optim.Adam):
         return resolve_backend(self.backend, p.device)
 
     def _step_on_device(self, group: Mapping[str, Any], p: Tensor) -> bool:
-        if group["capturable"] or group["fused"]:
-            return True
-        return p.device.type != "cpu" and self._backend_for(p) == "triton"
+        # On accelerators the step count lives on the device: the triton kernel and
+        # torch's fused/capturable Adam read it there (torch's foreach Adam copes too).
+        return group["capturable"] or bool(group["fused"]) or p.device.type != "cpu"
 
     def _init_state(self, group: Mapping[str, Any], p: Tensor) -> dict[str, Tensor]:
         """Lazily create or normalise torch's Adam state (keys as in torch.optim.Adam)."""
@@ -179,6 +180,7 @@ class FusedEWCAdam(torch.optim.Adam):
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         """Perform one EWC-Adam step (see the class docstring for the update)."""
+        (getattr(self, "_accelerator_graph_capture_health_check", None) or self._cuda_graph_capture_health_check)()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -232,8 +234,7 @@ class FusedEWCAdam(torch.optim.Adam):
                     backend=backend,
                 )
                 if has_ema:
-                    for s in states:
-                        s["fisher_ema_step"] += 1
+                    torch._foreach_add_([s["fisher_ema_step"] for s in states], 1)
         return loss
 
     def _set_squared_grads(self, sq_grads: Mapping[Tensor, Tensor]) -> None:
@@ -404,7 +405,15 @@ class FusedEWCAdam(torch.optim.Adam):
                         f"loaded state dict has {k} of shape {tuple(st[k].shape)} for a parameter of shape "
                         f"{tuple(p.shape)} (state of another model?); optimizer left unchanged"
                     )
-            ewc_parts[p] = {k: st[k] for k in EWC_STATE_KEYS if k in st}
+            part = {k: st[k] for k in EWC_STATE_KEYS if k in st}
+            for together in (("ewc_fisher", "ewc_anchor", "ewc_const"), ("fisher_ema", "fisher_ema_step")):
+                present = [k for k in together if k in part]
+                if present and len(present) != len(together):
+                    raise ValueError(
+                        f"loaded state dict has {present} without {sorted(set(together) - set(present))} "
+                        f"for a parameter of shape {tuple(p.shape)}; optimizer left unchanged"
+                    )
+            ewc_parts[p] = part
             rest_state[pid] = {k: v for k, v in st.items() if k not in EWC_STATE_KEYS}
         self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
         self._optimizer_load_state_dict_post_hooks = type(post_hooks)()

@@ -15,15 +15,17 @@ F_run the running Fisher and s the squared-gradient source (g² or a buffer)::
 θ, g, m, v (v̂max), F, c are each read once and θ, m, v (v̂max) written once
 (F_run read and written once more when the running Fisher is on). Arithmetic is
 fp32 whatever the storage dtype (fp32/fp16/bf16): values are loaded, cast to
-fp32, updated and cast back, which is also what keeps the Triton interpreter
-exact for bf16. The bias corrections are computed in fp64 from the step count.
+fp32, updated and cast back once (round-to-nearest on GPUs; the Triton
+interpreter truncates fp32→bf16, within one ulp). The bias corrections are
+computed in fp64 from the step count; 1 − β is passed precomputed in fp64 and
+rounded once, so 1 − β₂ = 1e-3 is not off by fp32's 1e-5 relative.
 
 No host synchronisation: the step count ``t`` (already incremented) is read
 from a device tensor, and so is ``lr`` when it is a tensor, so a step can be
 captured in a CUDA graph. Offsets are int64, so tensors over 2³¹ elements work.
 
 Launch count. :func:`ewc_adam_` launches one 1-D grid per tensor. For many small
-tensors :func:`ewc_adam_multi_` launches ONE grid for a whole list: a host-built
+CUDA tensors it launches ONE grid per list of same-dtype rows: a host-built
 table holds each tensor's ten addresses and each program's (tensor, start)
 pair, and programs load their tensor's pointers from the table (the
 multi-tensor-apply scheme). The Triton interpreter cannot load through
@@ -33,6 +35,7 @@ pointer tables, so that kernel is CUDA-only; both kernels share
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
@@ -49,23 +52,24 @@ _N_PTRS = 10  # θ, g, m, v, vmax, F, c, F_run, s, step
 @triton.jit
 def _ewc_adam_math(
     p, g, m, v, vmax, f, c, frun, sq,
-    lr, bc1, bc2_sqrt, beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta,
+    lr, bc1, bc2_sqrt, beta1, beta2, omb1, omb2, eps, weight_decay, ewc_lambda, fisher_beta, omfb,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr,
     HAS_EWC: tl.constexpr, HAS_EMA: tl.constexpr,
 ):
-    """The element-wise update on fp32 values; returns (θ, m, v, v̂max, F_run)."""
+    """The element-wise update on fp32 values; returns (θ, m, v, v̂max, F_run).
+    ``omb1``, ``omb2``, ``omfb`` are 1 − β₁, 1 − β₂, 1 − β_F."""
     if MAXIMIZE:
         g = -g
     if HAS_EMA:
-        frun = fisher_beta * frun + (1.0 - fisher_beta) * sq
+        frun = fisher_beta * frun + omfb * sq
     if HAS_EWC:
         g = g + ewc_lambda * f * (p - c)
     if DECOUPLED_WD:
         p = p * (1.0 - lr * weight_decay)
     else:
         g = g + weight_decay * p
-    m = beta1 * m + (1.0 - beta1) * g
-    v = beta2 * v + (1.0 - beta2) * g * g
+    m = beta1 * m + omb1 * g
+    v = beta2 * v + omb2 * g * g
     if AMSGRAD:
         vmax = tl.maximum(vmax, v)
         denom = tl.sqrt(vmax) / bc2_sqrt + eps
@@ -88,7 +92,7 @@ def _bias_corrections(step_ptr, log_beta1, log_beta2):
 def _load_update_store(
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr,
     offs, mask, lr, bc1, bc2_sqrt,
-    beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta,
+    beta1, beta2, omb1, omb2, eps, weight_decay, ewc_lambda, fisher_beta, omfb,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr,
     HAS_EWC: tl.constexpr, HAS_EMA: tl.constexpr, SQ_FROM_BUFFER: tl.constexpr,
 ):
@@ -112,7 +116,7 @@ def _load_update_store(
             sq = tl.load(sq_ptr + offs, mask=mask).to(tl.float32)
     p, m, v, vmax, frun = _ewc_adam_math(
         p, g, m, v, vmax, f, c, frun, sq,
-        lr, bc1, bc2_sqrt, beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta,
+        lr, bc1, bc2_sqrt, beta1, beta2, omb1, omb2, eps, weight_decay, ewc_lambda, fisher_beta, omfb,
         AMSGRAD, MAXIMIZE, DECOUPLED_WD, HAS_EWC, HAS_EMA,
     )
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
@@ -128,8 +132,8 @@ def _load_update_store(
 def ewc_adam_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr,
     step_ptr, lr_ptr, n_elements,
-    lr_value, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, ewc_lambda, fisher_beta,
-    LR_IS_TENSOR: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    lr_value, beta1, beta2, omb1, omb2, log_beta1, log_beta2, eps, weight_decay, ewc_lambda,
+    fisher_beta, omfb, LR_IS_TENSOR: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, HAS_EWC: tl.constexpr, HAS_EMA: tl.constexpr,
     SQ_FROM_BUFFER: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
@@ -145,7 +149,7 @@ def ewc_adam_kernel(
     _load_update_store(
         p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr,
         offs, mask, lr, bc1, bc2_sqrt,
-        beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta,
+        beta1, beta2, omb1, omb2, eps, weight_decay, ewc_lambda, fisher_beta, omfb,
         AMSGRAD, MAXIMIZE, DECOUPLED_WD, HAS_EWC, HAS_EMA, SQ_FROM_BUFFER,
     )
 
@@ -154,8 +158,8 @@ def ewc_adam_kernel(
 def ewc_adam_multi_kernel(
     ptr_table, numel_table, block_tensor, block_start,
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr, step_ptr, lr_ptr,
-    lr_value, beta1, beta2, log_beta1, log_beta2, eps, weight_decay, ewc_lambda, fisher_beta,
-    LR_IS_TENSOR: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    lr_value, beta1, beta2, omb1, omb2, log_beta1, log_beta2, eps, weight_decay, ewc_lambda,
+    fisher_beta, omfb, LR_IS_TENSOR: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, HAS_EWC: tl.constexpr, HAS_EMA: tl.constexpr,
     SQ_FROM_BUFFER: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
@@ -191,7 +195,7 @@ def ewc_adam_multi_kernel(
     _load_update_store(
         p_t, g_t, m_t, v_t, vmax_t, f_t, c_t, frun_t, sq_t,
         offs, mask, lr, bc1, bc2_sqrt,
-        beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta,
+        beta1, beta2, omb1, omb2, eps, weight_decay, ewc_lambda, fisher_beta, omfb,
         AMSGRAD, MAXIMIZE, DECOUPLED_WD, HAS_EWC, HAS_EMA, SQ_FROM_BUFFER,
     )
 
@@ -200,13 +204,14 @@ def ewc_adam_multi_kernel(
 
 
 def _scalar_args(lr, beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta):
+    """Kernel scalars in the kernels' argument order (after ``lr_value``); 1 − β in fp64."""
     lr_is_tensor = isinstance(lr, torch.Tensor)
     return lr_is_tensor, (
         0.0 if lr_is_tensor else float(lr),
-        float(beta1), float(beta2),
+        float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
         math.log(beta1) if beta1 > 0 else -math.inf,
         math.log(beta2) if beta2 > 0 else -math.inf,
-        float(eps), float(weight_decay), float(ewc_lambda), float(fisher_beta),
+        float(eps), float(weight_decay), float(ewc_lambda), float(fisher_beta), 1.0 - float(fisher_beta),
     )
 
 
@@ -263,35 +268,41 @@ def ewc_adam_(
         )
 
     lr_t = lr if lr_is_tensor else steps[0]  # placeholder pointer when lr is a float
-    small = []
+    small: dict[tuple, list] = {}  # row dtypes -> rows: a table's rows share element types
     for i, p in enumerate(params):
         n = p.numel()
         if n == 0:
             continue
         if multi_tensor and p.is_cuda and n <= MULTI_TENSOR_MAX_NUMEL:
-            small.append(i)
+            r = row(i)
+            small.setdefault(tuple(t.dtype for t in r), []).append(r)
             continue
         ewc_adam_kernel[(triton.cdiv(n, BLOCK),)](
             *row(i)[:9], steps[i], lr_t, n, *scalars, **flags, BLOCK_SIZE=BLOCK,
         )
-    if small:
-        _launch_multi([row(i) for i in small], lr_t, scalars, flags)
+    for rows in small.values():
+        _launch_multi(rows, lr_t, scalars, flags)
 
 
-_TABLE_CACHE: dict = {}
+_TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_TABLE_CACHE_SIZE = 64
 
 
 def _launch_multi(rows, lr_t, scalars, flags) -> None:
     """One launch over many small CUDA tensors through a pointer table.
 
-    The tables depend only on the tensors' addresses, so they are cached: with
-    the same tensors (e.g. a CUDA-graph-captured step) no host-to-device copy
-    happens after the first step.
+    The tables depend on the tensors' addresses and sizes, which form the cache
+    key (LRU, :data:`_TABLE_CACHE_SIZE` entries): with the same tensors no
+    host-to-device copy happens after the first step. A miss copies from pinned
+    memory without blocking. (CUDA-graph capture of this path is not supported
+    yet: evicting a table that a captured graph reads would be unsafe.)
     """
-    key = tuple(t.data_ptr() for r in rows for t in r)
-    tables = _TABLE_CACHE.get(key)
     device = rows[0][0].device
-    if tables is None:
+    key = (device,) + tuple(t.data_ptr() for r in rows for t in r) + tuple(r[0].numel() for r in rows)
+    tables = _TABLE_CACHE.get(key)
+    if tables is not None:
+        _TABLE_CACHE.move_to_end(key)
+    else:
         ptrs = torch.tensor([[t.data_ptr() for t in r] for r in rows], dtype=torch.int64)
         numels = torch.tensor([r[0].numel() for r in rows], dtype=torch.int64)
         blk_t, blk_s = [], []
@@ -299,12 +310,10 @@ def _launch_multi(rows, lr_t, scalars, flags) -> None:
             for s in range(0, r[0].numel(), MULTI_BLOCK):
                 blk_t.append(k)
                 blk_s.append(s)
-        tables = tuple(
-            x.to(device, non_blocking=False)
-            for x in (ptrs, numels, torch.tensor(blk_t, dtype=torch.int32), torch.tensor(blk_s, dtype=torch.int64))
-        )
-        if len(_TABLE_CACHE) > 64:
-            _TABLE_CACHE.clear()
+        host = (ptrs, numels, torch.tensor(blk_t, dtype=torch.int32), torch.tensor(blk_s, dtype=torch.int64))
+        tables = tuple(x.pin_memory().to(device, non_blocking=True) for x in host)
+        while len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
         _TABLE_CACHE[key] = tables
     ptrs, numels, blk_t, blk_s = tables
     first = rows[0]

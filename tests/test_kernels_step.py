@@ -69,7 +69,8 @@ def test_kernel_matches_float64_formula(case, lr_tensor):
     f, c, frun = rnd(edt, True), rnd(edt), rnd(edt, True)
     sq = rnd(torch.float32, True) if fl["sq"] else None
     step = torch.tensor(0.0)
-    hp = dict(lr=1e-2, b1=0.9, b2=0.99, eps=1e-8, wd=0.05, lam=3.0, fb=0.8)
+    # β₂ = 0.999: 1 − β₂ must not be formed in fp32 (that alone is 1.3e-5 relative off).
+    hp = dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, wd=0.05, lam=3.0, fb=0.8)
     exp = [x.clone() for x in (p, m, v, vmax, frun)]
     for t in range(1, 4):
         g = rnd(pdt)
@@ -121,7 +122,8 @@ def test_empty_tensor_is_skipped():
 # --------------------------------------------------------------------------- AOT compilation
 
 _PTRS = ["p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "f_ptr", "c_ptr", "frun_ptr", "sq_ptr"]
-_SCALARS = ["lr_value", "beta1", "beta2", "log_beta1", "log_beta2", "eps", "weight_decay", "ewc_lambda", "fisher_beta"]
+_SCALARS = ["lr_value", "beta1", "beta2", "omb1", "omb2", "log_beta1", "log_beta2", "eps", "weight_decay",
+            "ewc_lambda", "fisher_beta", "omfb"]
 _FLAGS = ["LR_IS_TENSOR", "AMSGRAD", "MAXIMIZE", "DECOUPLED_WD", "HAS_EWC", "HAS_EMA", "SQ_FROM_BUFFER", "BLOCK_SIZE"]
 
 
@@ -201,3 +203,20 @@ def test_cuda_step_has_no_host_sync():
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_cuda_multi_tensor_table_not_reused_for_other_sizes():
+    """Same addresses, different numel (a view of one buffer): the cached table must not be reused."""
+    buf = torch.randn(5000, device="cuda")
+    for n in (5000, 10, 3000):
+        p = buf[:n]
+        exp = p.clone()
+        g, m, v = torch.randn_like(p), torch.zeros_like(p), torch.zeros_like(p)
+        step = torch.ones((), device="cuda")
+        tail = buf[n:].clone()
+        K.ewc_adam_([p], [g], [m], [v], None, None, None, None, None, [step], lr=1e-2, beta1=0.9, beta2=0.999,
+                    eps=1e-8, weight_decay=0.0, ewc_lambda=0.0, fisher_beta=0.0, amsgrad=False, maximize=False,
+                    decoupled_weight_decay=False)
+        torch.testing.assert_close(p, exp - 1e-2 * torch.sign(g), rtol=0, atol=1e-5)  # first Adam step: lr·sign(g)
+        assert torch.equal(buf[n:], tail)

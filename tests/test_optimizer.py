@@ -428,3 +428,22 @@ def test_all_adam_flag_combinations_small():
                     opt.consolidate({p: torch.rand(37)})
             results.append(p.detach().clone())
         assert rel_err(results[1], results[0]) < 1e-6, (amsgrad, maximize, decoupled, ema)
+
+
+def test_moments_laid_out_unlike_theta_torch_backend():
+    """A contiguous checkpoint loaded into a channels-last model: torch's fused CPU Adam
+    would walk m, v in the wrong order, so the torch backend must not use it then."""
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    p, q = torch.nn.Parameter(x.clone()), torch.nn.Parameter(x.clone())
+    opt = FusedEWCAdam([p], lr=1e-2, backend="torch")
+    ref = torch.optim.Adam([q], lr=1e-2, foreach=True)
+    for t in range(4):
+        g = torch.randn(x.shape)
+        p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        if t == 0:
+            for k in ("exp_avg", "exp_avg_sq"):
+                opt.state[p][k] = opt.state[p][k].contiguous()
+                assert opt.state[p][k].stride() != p.stride()
+    assert rel_err(p, q) < 1e-6

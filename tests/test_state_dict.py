@@ -562,3 +562,19 @@ def test_load_state_dict_hooks_see_the_whole_state():
     for p, q in zip(params, params2[::-1]):
         assert torch.equal(p, q)
     assert torch.equal(opt.ewc_penalty(), opt2.ewc_penalty())
+
+
+def test_ewc_state_keys_must_come_together():
+    """A checkpoint with ewc_fisher but no anchor/constant would fail mid-step later: refused at load."""
+    p = torch.nn.Parameter(torch.randn(6))
+    opt = FusedEWCAdam([p], lr=1e-2, backend="torch")
+    p.grad = torch.randn(6)
+    opt.step()
+    opt.consolidate({p: torch.rand(6)})
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][0]["ewc_anchor"]
+    fresh_p = torch.nn.Parameter(p.detach().clone())
+    fresh = FusedEWCAdam([fresh_p], lr=1e-2, backend="torch")
+    with pytest.raises(ValueError, match="ewc_anchor"):
+        fresh.load_state_dict(sd)
+    assert len(fresh.state) == 0
