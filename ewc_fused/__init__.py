@@ -9,8 +9,9 @@
 Triton kernels are imported only when the triton backend is used.
 """
 from . import reference
+from .fisher import estimate_fisher
 from .functional import ewc_adam
 from .optimizer import FusedEWCAdam, FusedEWCAdamW
 
 __version__ = "0.1.0"
-__all__ = ["FusedEWCAdam", "FusedEWCAdamW", "ewc_adam", "reference", "__version__"]
+__all__ = ["FusedEWCAdam", "FusedEWCAdamW", "estimate_fisher", "ewc_adam", "reference", "__version__"]

@@ -2,7 +2,8 @@
 
 The example trains a small MLP on task A, then on task B (the same classes seen
 through a fixed permutation of the input features), once with plain Adam and
-once with FusedEWCAdam after consolidating an empirical per-sample Fisher, and
+once with FusedEWCAdam after consolidating an empirical per-sample Fisher
+(:func:`ewc_fused.estimate_fisher`), and
 prints task-A accuracy before and after task B. Synthetic data, CPU, seconds.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from . import __version__
 from .optimizer import FusedEWCAdam
-from .reference import per_sample_fisher
+from .fisher import estimate_fisher
 
 
 def make_tasks(n_train: int = 2000, n_test: int = 1000, dim: int = 16, classes: int = 10, seed: int = 0):
@@ -67,7 +68,7 @@ def run_example(ewc_lambda: float = 500.0, epochs: int = 5, seed: int = 0, out=s
         acc_a_before = accuracy(model, a_test)
         t0 = time.perf_counter()
         batches = [(a_train[0][i : i + 100], a_train[1][i : i + 100]) for i in range(0, 500, 100)]
-        fisher = per_sample_fisher(model, batches, nn.CrossEntropyLoss(reduction="none"), mode="empirical")
+        fisher = estimate_fisher(model, batches, nn.CrossEntropyLoss(reduction="none"), mode="empirical")
         opt.consolidate(fisher)
         t_fisher = time.perf_counter() - t0
         train(model, opt, b_train, epochs, seed=seed + 1)
@@ -76,7 +77,8 @@ def run_example(ewc_lambda: float = 500.0, epochs: int = 5, seed: int = 0, out=s
     print(f"{'':32s} {'task A before B':>16s} {'task A after B':>15s} {'task B':>7s}", file=out)
     for label, r in results.items():
         print(f"{label:32s} {r['a_before']:16.3f} {r['a_after']:15.3f} {r['b']:7.3f}", file=out)
-    print("(empirical Fisher from 500 task-A samples, per-sample loop; λ belongs to that Fisher)", file=out)
+    print("(empirical per-sample Fisher from 500 task-A samples, estimate_fisher; λ belongs to that Fisher)",
+          file=out)
     return results
 
 
