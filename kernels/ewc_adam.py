@@ -90,12 +90,18 @@ def _bias_corrections(step_ptr, log_beta1, log_beta2):
 
 @triton.jit
 def _load_update_store(
-    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr,
-    offs, mask, lr, bc1, bc2_sqrt,
-    beta1, beta2, omb1, omb2, eps, weight_decay, ewc_lambda, fisher_beta, omfb,
-    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr,
+    p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr, step_ptr, lr_ptr,
+    offs, mask, lr_value, beta1, beta2, omb1, omb2, log_beta1, log_beta2,
+    eps, weight_decay, ewc_lambda, fisher_beta, omfb,
+    LR_IS_TENSOR: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr,
     HAS_EWC: tl.constexpr, HAS_EMA: tl.constexpr, SQ_FROM_BUFFER: tl.constexpr,
 ):
+    """Load the elements at ``offs`` of one tensor, update them, store them back."""
+    if LR_IS_TENSOR:
+        lr = tl.load(lr_ptr).to(tl.float32)
+    else:
+        lr = lr_value
+    bc1, bc2_sqrt = _bias_corrections(step_ptr, log_beta1, log_beta2)
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
@@ -140,17 +146,11 @@ def ewc_adam_kernel(
     """One tensor: program i updates elements [i·BLOCK_SIZE, (i+1)·BLOCK_SIZE)."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE).to(tl.int64)
-    mask = offs < n_elements
-    if LR_IS_TENSOR:
-        lr = tl.load(lr_ptr).to(tl.float32)
-    else:
-        lr = lr_value
-    bc1, bc2_sqrt = _bias_corrections(step_ptr, log_beta1, log_beta2)
     _load_update_store(
-        p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr,
-        offs, mask, lr, bc1, bc2_sqrt,
-        beta1, beta2, omb1, omb2, eps, weight_decay, ewc_lambda, fisher_beta, omfb,
-        AMSGRAD, MAXIMIZE, DECOUPLED_WD, HAS_EWC, HAS_EMA, SQ_FROM_BUFFER,
+        p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr, step_ptr, lr_ptr,
+        offs, offs < n_elements, lr_value, beta1, beta2, omb1, omb2, log_beta1, log_beta2,
+        eps, weight_decay, ewc_lambda, fisher_beta, omfb,
+        LR_IS_TENSOR, AMSGRAD, MAXIMIZE, DECOUPLED_WD, HAS_EWC, HAS_EMA, SQ_FROM_BUFFER,
     )
 
 
@@ -186,17 +186,11 @@ def ewc_adam_multi_kernel(
     sq_t = tl.load(row + 8).to(sq_ptr.dtype)
     step_t = tl.load(row + 9).to(step_ptr.dtype)
     offs = start + tl.arange(0, BLOCK_SIZE).to(tl.int64)
-    mask = offs < n
-    if LR_IS_TENSOR:
-        lr = tl.load(lr_ptr).to(tl.float32)
-    else:
-        lr = lr_value
-    bc1, bc2_sqrt = _bias_corrections(step_t, log_beta1, log_beta2)
     _load_update_store(
-        p_t, g_t, m_t, v_t, vmax_t, f_t, c_t, frun_t, sq_t,
-        offs, mask, lr, bc1, bc2_sqrt,
-        beta1, beta2, omb1, omb2, eps, weight_decay, ewc_lambda, fisher_beta, omfb,
-        AMSGRAD, MAXIMIZE, DECOUPLED_WD, HAS_EWC, HAS_EMA, SQ_FROM_BUFFER,
+        p_t, g_t, m_t, v_t, vmax_t, f_t, c_t, frun_t, sq_t, step_t, lr_ptr,
+        offs, offs < n, lr_value, beta1, beta2, omb1, omb2, log_beta1, log_beta2,
+        eps, weight_decay, ewc_lambda, fisher_beta, omfb,
+        LR_IS_TENSOR, AMSGRAD, MAXIMIZE, DECOUPLED_WD, HAS_EWC, HAS_EMA, SQ_FROM_BUFFER,
     )
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ewc_fused import FusedEWCAdam
+from tests.helpers import assert_same_state
 
 BACKENDS = ["torch", "triton"]
 
@@ -54,26 +55,6 @@ def _trained(backend="torch", steps=2, named=False, **kw):
     return model, opt
 
 
-def _same(a, b, path="state_dict"):
-    """Recursive equality of state dicts: tensors by torch.equal (and dtype/device)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), path
-        assert a.dtype == b.dtype and a.device == b.device and a.shape == b.shape, path
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {set(a)} != {set(b)}"
-        for k in a:
-            _same(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert isinstance(b, float) and math.isnan(b), path
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
-
-
 class Snapshot:
     """Optimizer state, param groups and parameter values at one moment."""
 
@@ -85,7 +66,7 @@ class Snapshot:
         self.state_keys = {id(p): set(opt.state[p]) if p in opt.state else None for p in self.params}
 
     def assert_unchanged(self):
-        _same(self.sd, self.opt.state_dict())
+        assert_same_state(self.sd, self.opt.state_dict())
         for p, v in zip(self.params, self.values):
             assert torch.equal(p.detach(), v), "a parameter changed"
         for p in self.params:
@@ -352,7 +333,7 @@ def test_add_param_group_bad_ewc_values(extra, match):
     with pytest.raises(ValueError, match=match):
         opt.add_param_group({"params": [ps[2]], **extra})
     assert len(opt.param_groups) == 1
-    _same(groups_before, opt.param_groups, "param_groups")
+    assert_same_state(groups_before, opt.param_groups, "param_groups")
     snap.assert_unchanged()
     # The optimizer still works, and the parameter can be added with good values.
     opt.add_param_group({"params": [ps[2]], "ewc_lambda": 3.0, "fisher_ema": 0.5})
@@ -561,7 +542,7 @@ def test_step_grad_none_skipped(backend, consolidated):
     assert torch.equal(ps[1], before[1])
     assert not torch.equal(ps[0], before[0]) and not torch.equal(ps[2], before[2])
     if consolidated:
-        _same(state1, dict(opt.state[ps[1]]), "state of the skipped parameter")
+        assert_same_state(state1, dict(opt.state[ps[1]]), "state of the skipped parameter")
     else:
         assert len(opt.state.get(ps[1], {})) == 0
         # torch.optim.Adam does the same.

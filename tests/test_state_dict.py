@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ewc_fused import FusedEWCAdam
+from tests.helpers import assert_same_state
 
 BACKENDS = ["torch", "triton"]
 ADAM_KEYS = {"step", "exp_avg", "exp_avg_sq"}
@@ -56,24 +57,6 @@ def _continue_both(opt_a, params_a, opt_b, params_b, steps):
         _apply(params_b, gs)
         opt_a.step()
         opt_b.step()
-
-
-def _same(a, b, path="state_dict"):
-    """Recursive equality: tensors by torch.equal with the same dtype and shape."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), path
-        assert a.dtype == b.dtype and a.shape == b.shape and a.device == b.device, path
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {set(a)} != {set(b)}"
-        for k in a:
-            _same(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def _ewc_setup(backend, named=False, amsgrad=True, fisher_ema=0.9, steps=3):
@@ -133,7 +116,7 @@ def test_round_trip_bit_identical(backend, via):
     assert opt2.param_groups[0]["amsgrad"] is True
     assert opt2.param_groups[0]["fisher_ema"] == 0.9
     assert opt2.param_groups[0]["ewc_lambda"] == 3.0
-    _same(opt.state_dict(), opt2.state_dict())
+    assert_same_state(opt.state_dict(), opt2.state_dict())
     _assert_same_run(params, opt, params2, opt2)
 
     _continue_both(opt, params, opt2, params2, 4)
@@ -145,7 +128,7 @@ def test_round_trip_bit_identical(backend, via):
     opt2.consolidate()
     _continue_both(opt, params, opt2, params2, 3)
     _assert_same_run(params, opt, params2, opt2)
-    _same(opt.state_dict(), opt2.state_dict())
+    assert_same_state(opt.state_dict(), opt2.state_dict())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -215,7 +198,7 @@ def test_state_dict_keys(amsgrad, fisher_ema):
             assert float(st["fisher_ema_step"]) == 2
 
     # And through torch.save / weights_only load, unchanged.
-    _same(sd, _roundtrip_io(sd))
+    assert_same_state(sd, _roundtrip_io(sd))
 
 
 def test_state_dict_keys_before_step():
@@ -417,8 +400,8 @@ def test_load_other_model_state_raises(with_ewc, trained):
 
     with pytest.raises(ValueError, match=r"shape"):
         opt.load_state_dict(other)
-    _same(before_sd, opt.state_dict())
-    _same(before_groups, opt.param_groups, "param_groups")
+    assert_same_state(before_sd, opt.state_dict())
+    assert_same_state(before_groups, opt.param_groups, "param_groups")
     for p, b in zip(params, before_params):
         assert torch.equal(p, b)
     # The optimizer still works.
@@ -438,7 +421,7 @@ def test_load_other_model_state_only_ewc_mismatch():
     before = copy.deepcopy(opt.state_dict())
     with pytest.raises(ValueError, match=r"ewc_fisher of shape \(4, 3\).*shape \(3, 4\)"):
         opt.load_state_dict(sd)
-    _same(before, opt.state_dict())
+    assert_same_state(before, opt.state_dict())
 
 
 def test_load_wrong_group_structure_raises():
@@ -453,7 +436,7 @@ def test_load_wrong_group_structure_raises():
     short = FusedEWCAdam(params[:3], lr=1e-2)
     with pytest.raises(ValueError, match=r"doesn't match the size"):
         opt.load_state_dict(short.state_dict())
-    _same(before, opt.state_dict())
+    assert_same_state(before, opt.state_dict())
 
 
 # ---------------------------------------------------------------------- named parameters
@@ -478,7 +461,7 @@ def test_named_round_trip_and_consolidate_after_load(backend):
     opt2.consolidate({n: f.clone() for n, f in fisher.items()})
     _continue_both(opt, params, opt2, params2, 2)
     _assert_same_run(params, opt, params2, opt2)
-    _same(opt.state_dict(), opt2.state_dict())
+    assert_same_state(opt.state_dict(), opt2.state_dict())
 
 
 def test_named_checkpoint_into_unnamed_optimizer():
@@ -557,7 +540,7 @@ def test_load_state_dict_hooks_see_the_whole_state():
     assert EWC_KEYS <= seen_pre[0], f"pre-hook saw {seen_pre}"
     assert EWC_KEYS <= seen_post[0], f"post-hook saw {seen_post}"
     for p, q in zip(params, params2[::-1]):
-        _same(dict(opt.state[p]), dict(opt2.state[q]))
+        assert_same_state(dict(opt.state[p]), dict(opt2.state[q]))
     _continue_both(opt, params, opt2, params2[::-1], 2)
     for p, q in zip(params, params2[::-1]):
         assert torch.equal(p, q)
