@@ -153,15 +153,14 @@ class FusedEWCAdam(torch.optim.Adam):
     def _backend_for(self, p: Tensor) -> str:
         return resolve_backend(self.backend, p.device)
 
-    def _step_on_device(self, group: Mapping[str, Any], p: Tensor) -> bool:
-        # On accelerators the step count lives on the device: the triton kernel and
-        # torch's fused/capturable Adam read it there (torch's foreach Adam copes too).
-        return group["capturable"] or bool(group["fused"]) or p.device.type != "cpu"
-
     def _init_state(self, group: Mapping[str, Any], p: Tensor) -> dict[str, Tensor]:
-        """Lazily create or normalise torch's Adam state (keys as in torch.optim.Adam)."""
+        """Lazily create or normalise torch's Adam state (keys as in torch.optim.Adam).
+
+        The step count lives on the parameter's device: the triton kernel and torch's
+        fused/capturable Adam read it there (torch's foreach Adam copes too).
+        """
         state = self.state[p]
-        want = p.device if self._step_on_device(group, p) else torch.device("cpu")
+        want = p.device
         if len(state) == 0 or "exp_avg" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=want)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -186,7 +185,8 @@ class FusedEWCAdam(torch.optim.Adam):
             with torch.enable_grad():
                 loss = closure()
 
-        # Validate everything before any state changes.
+        # Validate everything before any state changes; resolve each device's backend once.
+        backends: dict[torch.device, str] = {}
         for gi, group in enumerate(self.param_groups):
             self._check_ewc_group(group, f" in param group {gi}")
             for p in group["params"]:
@@ -196,7 +196,8 @@ class FusedEWCAdam(torch.optim.Adam):
                     raise RuntimeError(
                         "FusedEWCAdam does not support sparse gradients, please consider SparseAdam instead"
                     )
-                self._backend_for(p)
+                if p.device not in backends:
+                    backends[p.device] = self._backend_for(p)
         sq = self._sq_grads
         self._sq_grads = {}
 
@@ -209,7 +210,7 @@ class FusedEWCAdam(torch.optim.Adam):
                 has_ewc = "ewc_fisher" in state and group["ewc_lambda"] != 0
                 has_ema = group["fisher_ema"] is not None
                 use_sq = has_ema and p in sq
-                key = (p.device, p.dtype, has_ewc, has_ema, use_sq, self._backend_for(p))
+                key = (p.device, p.dtype, has_ewc, has_ema, use_sq, backends[p.device])
                 buckets.setdefault(key, []).append(p)
             for (_, _, has_ewc, has_ema, use_sq, backend), ps in buckets.items():
                 states = [self.state[p] for p in ps]
@@ -283,11 +284,9 @@ class FusedEWCAdam(torch.optim.Adam):
                     "consolidate() without a fisher uses the running Fisher, but no parameter has one: "
                     "set fisher_ema=β (e.g. 0.99) and take steps first, or pass fisher=..."
                 )
-        resolved = self._resolve_fisher(fisher)
-        owned = self._owned()
-        for p, f_new in resolved:
+        for p, f_new, gi in self._resolve_fisher(fisher):
             # Adam's state too, so that a checkpoint taken now loads into torch.optim.Adam.
-            state = self._init_state(self.param_groups[owned[p][0]], p)
+            state = self._init_state(self.param_groups[gi], p)
             new = _cons.combine(
                 p.detach(), f_new,
                 state.get("ewc_fisher"), state.get("ewc_anchor"), state.get("ewc_const"),
@@ -295,7 +294,8 @@ class FusedEWCAdam(torch.optim.Adam):
             )
             state["ewc_fisher"], state["ewc_anchor"], state["ewc_const"] = new
 
-    def _resolve_fisher(self, fisher: FisherMapping) -> list[tuple[Tensor, Tensor]]:
+    def _resolve_fisher(self, fisher: FisherMapping) -> list[tuple[Tensor, Tensor, int]]:
+        """Validate ``fisher`` entirely; return (parameter, Fisher, group index) per entry."""
         if not isinstance(fisher, Mapping):
             raise TypeError(f"fisher must be a mapping from parameters or names to tensors, got {type(fisher).__name__}")
         owned = self._owned()
@@ -323,7 +323,7 @@ class FusedEWCAdam(torch.optim.Adam):
             if p in out:
                 raise ValueError(f"fisher has two entries for parameter {label}")
             out[p] = f
-        return list(out.items())
+        return [(p, f, owned[p][0]) for p, f in out.items()]
 
     @torch.no_grad()
     def running_fisher(self) -> dict[Union[str, Tensor], Tensor]:
