@@ -58,6 +58,8 @@ MODES = ("empirical", "exact", "sampled", "batch")
 _CHUNK_ELEMS = 1 << 24
 
 _RMSNorm = getattr(nn, "RMSNorm", None)
+# > 0 while estimate_fisher runs: training-time trackers (ewc_fused.tracker) ignore its passes.
+_ESTIMATING = [0]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -94,15 +96,15 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def _linear_torch_fallback(out_w: Tensor, G: Tensor, X: Tensor, out_b: Optional[Tensor]) -> None:
+def _linear_torch_fallback(out_w: Tensor, G: Tensor, X: Tensor, out_b: Optional[Tensor], scale: float = 1.0) -> None:
     """``linear_sq_grad_sum_torch_`` for installs without triton (same math, fp32)."""
     n_out, n_in = out_w.shape
     chunk = max(1, _CHUNK_ELEMS // max(1, n_out * n_in))
     for s in range(0, G.shape[0], chunk):
         g, x = G[s:s + chunk].float(), X[s:s + chunk].float()
-        out_w.add_(torch.bmm(g.transpose(1, 2), x).square_().sum(0))
+        out_w.add_(torch.bmm(g.transpose(1, 2), x).square_().sum(0), alpha=scale)
         if out_b is not None:
-            out_b.add_(g.sum(1).square_().sum(0))
+            out_b.add_(g.sum(1).square_().sum(0), alpha=scale)
 
 
 def _linear_launcher(backend: str) -> Callable:
@@ -140,7 +142,7 @@ def _flat3(t: Tensor, n: int, feat: int) -> Tensor:
     return t.reshape(n, -1, feat)
 
 
-def _rule_linear(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: str) -> None:
+def _rule_linear(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: str, scale: float = 1.0) -> None:
     m: nn.Linear = h.module
     xs, gs = [], []
     for args, _, g in calls:
@@ -156,12 +158,12 @@ def _rule_linear(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: st
     w, b = bufs.get("weight"), bufs.get("bias")
     if w is not None:
         be = resolve_backend(backend, X.device)
-        _linear_launcher(be)(w, G, X, b)
+        _linear_launcher(be)(w, G, X, b, scale)
     elif b is not None:
-        b.add_(G.float().sum(1).square().sum(0))
+        b.add_(G.float().sum(1).square().sum(0), alpha=scale)
 
 
-def _rule_embedding(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: str) -> None:
+def _rule_embedding(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: str, scale: float = 1.0) -> None:
     m: nn.Embedding = h.module
     if m.scale_grad_by_freq:
         raise ValueError(
@@ -193,10 +195,10 @@ def _rule_embedding(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend:
             key, g = key[keep], g[keep]
         uniq, inv = torch.unique(key, return_inverse=True)
         per = torch.zeros(uniq.numel(), D, dtype=acc_dtype, device=g.device).index_add_(0, inv, g.to(acc_dtype))
-        w.index_add_(0, uniq % V, per.square_().float())
+        w.index_add_(0, uniq % V, per.square_().float(), alpha=scale)
 
 
-def _rule_norm(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: str) -> None:
+def _rule_norm(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: str, scale: float = 1.0) -> None:
     m = h.module
     shape = tuple(m.normalized_shape)
     D = math.prod(shape)
@@ -228,12 +230,12 @@ def _rule_norm(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: str)
                 t = gf.sum(1)
                 gb = t if gb is None else gb + t
         if w is not None:
-            w.add_(gw.square().sum(0).reshape(shape).float())
+            w.add_(gw.square().sum(0).reshape(shape).float(), alpha=scale)
         if b is not None:
-            b.add_(gb.square().sum(0).reshape(shape).float())
+            b.add_(gb.square().sum(0).reshape(shape).float(), alpha=scale)
 
 
-def _rule_generic(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: str) -> None:
+def _rule_generic(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: str, scale: float = 1.0) -> None:
     from torch.func import functional_call, grad, vmap
 
     names = list(bufs)
@@ -268,7 +270,7 @@ def _rule_generic(h: _Hooked, calls, n: int, bufs: dict[str, Tensor], backend: s
                 per = vmap(grad(inner), in_dims=(None, 0, 0))(params, xb, gb)
                 total = per if total is None else {k: total[k] + per[k] for k in names}
             for k in names:
-                bufs[k].add_(total[k].float().square().sum(0))
+                bufs[k].add_(total[k].float().square().sum(0), alpha=scale)
     except Exception as e:  # noqa: BLE001 - re-raised with the module named
         raise ValueError(
             f"cannot compute per-sample gradients of module {h.desc} with the generic torch.func "
@@ -393,6 +395,7 @@ def estimate_fisher(
 
     count = n_batches = 0
     finite: list[tuple[int, Tensor]] = []
+    _ESTIMATING[0] += 1
     try:
         for bi, batch in enumerate(it):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -419,6 +422,7 @@ def estimate_fisher(
             if not bool(ok):
                 raise ValueError(f"batch {bi}: loss_fn returned non-finite losses (NaN or inf)")
     finally:
+        _ESTIMATING[0] -= 1
         if it is not data and hasattr(it, "close"):
             it.close()
         state["active"] = False

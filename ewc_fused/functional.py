@@ -83,6 +83,7 @@ class Hyper:
     decoupled_weight_decay: bool
     ewc_lambda: float
     fisher_beta: float
+    sq_scale: float = 1.0  # the running Fisher takes sq_scale · s when a squared-gradient source s is given
     foreach: Optional[bool] = None
     fused: Optional[bool] = None
     capturable: bool = False
@@ -106,7 +107,8 @@ def ewc_adam(
     """One EWC-Adam step over one bucket (one device, one parameter dtype).
 
     ``fishers``/``anchors`` None: no penalty; ``fisher_runs`` None: no running
-    Fisher; ``sq_sources`` None: the running Fisher takes g². ``state_steps`` are
+    Fisher; ``sq_sources`` None: the running Fisher takes g², else
+    ``hyper.sq_scale`` · sq_sources. ``state_steps`` are
     incremented here (once per step), like ``torch.optim.adam.adam`` does.
     """
     if not params:
@@ -157,7 +159,7 @@ def _triton_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, stat
         fishers, anchors, fisher_runs, sq_sources, state_steps,
         lr=lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps, weight_decay=h.weight_decay,
         ewc_lambda=h.ewc_lambda, fisher_beta=h.fisher_beta, amsgrad=h.amsgrad,
-        maximize=h.maximize, decoupled_weight_decay=h.decoupled_weight_decay,
+        maximize=h.maximize, decoupled_weight_decay=h.decoupled_weight_decay, sq_scale=h.sq_scale,
     )
 
 
@@ -195,7 +197,7 @@ def _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
         b = h.fisher_beta
         torch._foreach_mul_(fisher_runs, b)
         if sq_sources is not None:
-            torch._foreach_add_(fisher_runs, sq_sources, alpha=1.0 - b)
+            torch._foreach_add_(fisher_runs, sq_sources, alpha=(1.0 - b) * h.sq_scale)
         else:
             torch._foreach_addcmul_(fisher_runs, grads, grads, value=1.0 - b)
 

@@ -11,6 +11,7 @@ from torch.optim.optimizer import ParamsT
 
 from . import consolidation as _cons
 from .functional import BACKENDS, Hyper, ewc_adam, resolve_backend
+from .tracker import LOSS_REDUCTIONS, FisherTracker
 
 __all__ = ["FusedEWCAdam", "FusedEWCAdamW"]
 
@@ -101,6 +102,7 @@ class FusedEWCAdam(torch.optim.Adam):
         # this one does not (yet), so leave that to GradScaler.unscale_.
         self._step_supports_amp_scaling = False
         self._sq_grads: dict[Tensor, Tensor] = {}
+        self._tracker: Optional[FisherTracker] = None
 
     # ------------------------------------------------------------------ param groups
 
@@ -198,8 +200,14 @@ class FusedEWCAdam(torch.optim.Adam):
                     )
                 if p.device not in backends:
                     backends[p.device] = self._backend_for(p)
-        sq = self._sq_grads
+        tracker = self._tracker
+        if tracker is not None:
+            tracker._check_ready()
+        sq, sq_scale = self._sq_grads, 1.0
         self._sq_grads = {}
+        if tracker is not None:
+            tracked, sq_scale = tracker._take()
+            sq = {**sq, **tracked} if tracked else sq
 
         for group in self.param_groups:
             buckets: dict[tuple, list] = {}
@@ -230,12 +238,15 @@ class FusedEWCAdam(torch.optim.Adam):
                         maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"],
                         ewc_lambda=float(group["ewc_lambda"]),
                         fisher_beta=float(group["fisher_ema"]) if has_ema else 0.0,
+                        sq_scale=sq_scale if use_sq else 1.0,
                         foreach=group["foreach"], fused=group["fused"], capturable=group["capturable"],
                     ),
                     backend=backend,
                 )
                 if has_ema:
                     torch._foreach_add_([s["fisher_ema_step"] for s in states], 1)
+        if tracker is not None:
+            tracker._reset()
         return loss
 
     def _set_squared_grads(self, sq_grads: Mapping[Tensor, Tensor]) -> None:
@@ -249,6 +260,63 @@ class FusedEWCAdam(torch.optim.Adam):
                 raise ValueError(f"squared-gradient buffer of shape {tuple(s.shape)} on {s.device} "
                                  f"for a parameter of shape {tuple(p.shape)} on {p.device}")
         self._sq_grads = dict(sq_grads)
+
+    def track_fisher(
+        self,
+        model: torch.nn.Module,
+        per_sample: bool = True,
+        loss_reduction: str = "mean",
+        *,
+        backend: Optional[str] = None,
+    ) -> FisherTracker:
+        """Accumulate the running Fisher from per-sample gradients during training.
+
+        Hooks on ``model`` (those of :func:`ewc_fused.estimate_fisher`) make every
+        ``loss.backward()`` also leave Σ_n (∇ℓ_n)² per parameter, without forming
+        per-sample gradients; the next :meth:`step` folds s = Σ_n (∇ℓ_n)² / N into
+        F_run ← β·F_run + (1 − β)·s in the same pass that updates θ. So the running
+        Fisher is the EMA of the per-sample (empirical) Fisher of the batches seen,
+        and :meth:`consolidate` with no argument anchors with it.
+
+        Args:
+            model: the module whose forward the training loop calls; its trainable
+                parameters in groups with ``fisher_ema`` set are tracked.
+            per_sample: ``False`` keeps g² of the mini-batch gradient (what
+                ``fisher_ema`` does without a tracker) and installs no hooks.
+            loss_reduction: how the backward loss reduces the per-sample losses ℓ_n
+                of its batch (sample dimension first): ``"mean"`` (mean_n ℓ_n, as
+                ``nn.CrossEntropyLoss()`` over a batch) or ``"sum"``.
+            backend: for the Linear kernels; defaults to the optimizer's.
+
+        Returns:
+            A :class:`~ewc_fused.tracker.FisherTracker`; ``remove()`` (or leaving a
+            ``with`` block) removes every hook and leaves the model exactly as it was.
+            One tracker per optimizer at a time.
+        """
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"track_fisher: model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(per_sample, bool):
+            raise TypeError(f"track_fisher: per_sample must be a bool, got {per_sample!r}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"track_fisher: Invalid loss_reduction: {loss_reduction!r}; expected one of {LOSS_REDUCTIONS}")
+        backend = self.backend if backend is None else backend
+        if backend not in BACKENDS:
+            raise ValueError(f"track_fisher: Invalid backend: {backend!r}; expected one of {BACKENDS}")
+        if self._tracker is not None:
+            raise RuntimeError("track_fisher: this optimizer already has a tracker; remove() it first")
+        owned = self._owned()
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        tracked = {p: n for n, p in trainable
+                   if p in owned and self.param_groups[owned[p][0]]["fisher_ema"] is not None}
+        if not tracked:
+            if not any(p in owned for _, p in trainable):
+                raise ValueError("track_fisher: none of the model's trainable parameters is in this optimizer")
+            raise ValueError(
+                "track_fisher: none of the model's parameters is in a param group with fisher_ema set; "
+                "pass fisher_ema=β (e.g. 0.99) to the optimizer or to the group")
+        self._tracker = FisherTracker(self, model, tracked, per_sample=per_sample,
+                                      loss_reduction=loss_reduction, backend=backend)
+        return self._tracker
 
     # ------------------------------------------------------------------ EWC API
 

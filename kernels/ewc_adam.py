@@ -197,15 +197,18 @@ def ewc_adam_multi_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _scalar_args(lr, beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta):
-    """Kernel scalars in the kernels' argument order (after ``lr_value``); 1 − β in fp64."""
+def _scalar_args(lr, beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta, sq_scale=1.0):
+    """Kernel scalars in the kernels' argument order (after ``lr_value``); 1 − β in fp64.
+
+    ``omfb`` is (1 − β_F)·sq_scale: the running Fisher takes β_F·F + (1 − β_F)·sq_scale·s."""
     lr_is_tensor = isinstance(lr, torch.Tensor)
     return lr_is_tensor, (
         0.0 if lr_is_tensor else float(lr),
         float(beta1), float(beta2), 1.0 - float(beta1), 1.0 - float(beta2),
         math.log(beta1) if beta1 > 0 else -math.inf,
         math.log(beta2) if beta2 > 0 else -math.inf,
-        float(eps), float(weight_decay), float(ewc_lambda), float(fisher_beta), 1.0 - float(fisher_beta),
+        float(eps), float(weight_decay), float(ewc_lambda), float(fisher_beta),
+        (1.0 - float(fisher_beta)) * float(sq_scale),
     )
 
 
@@ -232,19 +235,21 @@ def ewc_adam_(
     maximize: bool,
     decoupled_weight_decay: bool,
     multi_tensor: bool = True,
+    sq_scale: float = 1.0,
 ) -> None:
     """Update every tensor in place; ``steps`` must already be incremented.
 
     All tensors are contiguous and on one device; ``params``/``grads``/moments
     share one dtype, ``fishers``/``anchors``/``fisher_runs`` another. ``None``
     lists switch the matching feature off (``fishers`` and ``anchors`` go
-    together; ``sq_sources`` None means s = g²). With ``multi_tensor`` on CUDA,
+    together; ``sq_sources`` None means s = g², else s = sq_scale · sq_sources). With ``multi_tensor`` on CUDA,
     tensors of at most :data:`MULTI_TENSOR_MAX_NUMEL` elements share one launch.
     """
     has_ewc = fishers is not None
     has_ema = fisher_runs is not None
     sq_from_buffer = sq_sources is not None
-    lr_is_tensor, scalars = _scalar_args(lr, beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta)
+    lr_is_tensor, scalars = _scalar_args(
+        lr, beta1, beta2, eps, weight_decay, ewc_lambda, fisher_beta, sq_scale if sq_sources is not None else 1.0)
     flags = dict(
         LR_IS_TENSOR=lr_is_tensor, AMSGRAD=amsgrad, MAXIMIZE=maximize,
         DECOUPLED_WD=decoupled_weight_decay, HAS_EWC=has_ewc, HAS_EMA=has_ema,

@@ -63,10 +63,11 @@ def _sq_grad_seq_kernel(
     stride_gn, stride_gt, stride_go,
     stride_xn, stride_xt, stride_xi,
     stride_wo, stride_wi,
+    scale,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
     CAST_F32: tl.constexpr,
 ):
-    """out[o, i] += sum_n (sum_t G[n, t, o] * X[n, t, i]) ** 2 for one (o, i) tile."""
+    """out[o, i] += scale * sum_n (sum_t G[n, t, o] * X[n, t, i]) ** 2 for one (o, i) tile."""
     pid_o = tl.program_id(0).to(tl.int64)
     pid_i = tl.program_id(1).to(tl.int64)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # int64
@@ -101,7 +102,7 @@ def _sq_grad_seq_kernel(
     w_ptrs = out_ptr + offs_o[:, None] * stride_wo + offs_i[None, :] * stride_wi
     w_mask = mask_o[:, None] & mask_i[None, :]
     cur = tl.load(w_ptrs, mask=w_mask, other=0.0)
-    tl.store(w_ptrs, cur + acc, mask=w_mask)
+    tl.store(w_ptrs, cur + acc * scale, mask=w_mask)
 
 
 @triton.jit
@@ -111,9 +112,10 @@ def _sq_grad_t1_kernel(
     stride_gn, stride_go,
     stride_xn, stride_xi,
     stride_wo, stride_wi,
+    scale,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """out[o, i] += sum_n G[n, o]**2 * X[n, i]**2 for one (o, i) tile (T == 1)."""
+    """out[o, i] += scale * sum_n G[n, o]**2 * X[n, i]**2 for one (o, i) tile (T == 1)."""
     pid_o = tl.program_id(0).to(tl.int64)
     pid_i = tl.program_id(1).to(tl.int64)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # int64
@@ -138,7 +140,7 @@ def _sq_grad_t1_kernel(
     w_ptrs = out_ptr + offs_o[:, None] * stride_wo + offs_i[None, :] * stride_wi
     w_mask = mask_o[:, None] & mask_i[None, :]
     cur = tl.load(w_ptrs, mask=w_mask, other=0.0)
-    tl.store(w_ptrs, cur + acc, mask=w_mask)
+    tl.store(w_ptrs, cur + acc * scale, mask=w_mask)
 
 
 @triton.jit
@@ -147,9 +149,10 @@ def _sq_bias_kernel(
     N, T, OUT,
     stride_gn, stride_gt, stride_go,
     stride_b,
+    scale,
     BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """out[o] += sum_n (sum_t G[n, t, o]) ** 2 for one tile of o."""
+    """out[o] += scale * sum_n (sum_t G[n, t, o]) ** 2 for one tile of o."""
     pid_o = tl.program_id(0).to(tl.int64)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)  # int64
     mask_o = offs_o < OUT
@@ -170,7 +173,7 @@ def _sq_bias_kernel(
 
     b_ptrs = out_ptr + offs_o * stride_b
     cur = tl.load(b_ptrs, mask=mask_o, other=0.0)
-    tl.store(b_ptrs, cur + acc, mask=mask_o)
+    tl.store(b_ptrs, cur + acc * scale, mask=mask_o)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -249,14 +252,16 @@ def linear_sq_grad_sum_(
     grad_out: torch.Tensor,
     inputs: torch.Tensor,
     out_b: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> None:
-    """Add ``sum_n (G_n^T X_n)**2`` to ``out_w`` (and ``sum_n (sum_t G_n,t)**2`` to ``out_b``).
+    """Add ``scale * sum_n (G_n^T X_n)**2`` to ``out_w`` (and ``scale * sum_n (sum_t G_n,t)**2`` to ``out_b``).
 
     Args:
         out_w: fp32 contiguous (out, in) buffer, updated in place.
         grad_out: (N, T, out) or (N, out) per-sample output gradients, fp32/fp16/bf16.
         inputs: (N, T, in) or (N, in) layer inputs, same dtype as ``grad_out``.
         out_b: optional fp32 contiguous (out,) buffer for the bias term, updated in place.
+        scale: multiplies what is added (e.g. N² to undo a mean-reduced loss).
 
     Runs the Triton kernels; tensors must be on a CUDA device (or on the CPU with
     ``TRITON_INTERPRET=1``). Any strides are accepted for ``grad_out``/``inputs``.
@@ -283,6 +288,7 @@ def linear_sq_grad_sum_(
                 G.stride(0), G.stride(2),
                 X.stride(0), X.stride(2),
                 out_w.stride(0), out_w.stride(1),
+                float(scale),
                 BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_N=_block(N, 16, 32),
                 num_warps=4,
             )
@@ -293,6 +299,7 @@ def linear_sq_grad_sum_(
                 G.stride(0), G.stride(1), G.stride(2),
                 X.stride(0), X.stride(1), X.stride(2),
                 out_w.stride(0), out_w.stride(1),
+                float(scale),
                 BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_T=_block(T, 16, 32),
                 CAST_F32=interp,
                 num_warps=4,
@@ -305,6 +312,7 @@ def linear_sq_grad_sum_(
             N, T, n_out,
             G.stride(0), G.stride(1), G.stride(2),
             out_b.stride(0),
+            float(scale),
             BLOCK_O=block_o, BLOCK_T=_block(T, 1, 16),
             num_warps=4,
         )
@@ -315,6 +323,7 @@ def linear_sq_grad_sum_torch_(
     grad_out: torch.Tensor,
     inputs: torch.Tensor,
     out_b: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> None:
     """Pure-torch version of :func:`linear_sq_grad_sum_` (same arguments, same result).
 
@@ -325,10 +334,10 @@ def linear_sq_grad_sum_torch_(
     """
     G, X = _validate(out_w, grad_out, inputs, out_b)
     with torch.no_grad():
-        _torch_accumulate(out_w, G, X, out_b)
+        _torch_accumulate(out_w, G, X, out_b, float(scale))
 
 
-def _torch_accumulate(out_w, G, X, out_b):
+def _torch_accumulate(out_w, G, X, out_b, scale=1.0):
     N, T, n_out = G.shape
     n_in = X.shape[-1]
     if N == 0 or T == 0 or n_out == 0:
@@ -338,17 +347,17 @@ def _torch_accumulate(out_w, G, X, out_b):
         if T == 1:
             g2 = G[:, 0, :].float().square()
             x2 = X[:, 0, :].float().square()
-            out_w.addmm_(g2.t(), x2)
+            out_w.addmm_(g2.t(), x2, alpha=scale)
         else:
             chunk = max(1, _TORCH_CHUNK_BYTES // (4 * n_out * n_in))
             for s in range(0, N, chunk):
                 g = G[s:s + chunk].float()
                 x = X[s:s + chunk].float()
                 per_sample = torch.bmm(g.transpose(1, 2), x)  # (chunk, out, in)
-                out_w.add_(per_sample.square_().sum(0))
+                out_w.add_(per_sample.square_().sum(0), alpha=scale)
                 del per_sample
 
     if out_b is not None:
         chunk = max(1, _TORCH_CHUNK_BYTES // (4 * T * n_out))
         for s in range(0, N, chunk):
-            out_b.add_(G[s:s + chunk].float().sum(1).square_().sum(0))
+            out_b.add_(G[s:s + chunk].float().sum(1).square_().sum(0), alpha=scale)

@@ -201,6 +201,20 @@ def test_bad_inputs_raise_value_error(launcher, name, kwargs):
         launcher(**kwargs)
 
 
+@pytest.mark.parametrize("launcher", LAUNCHERS, ids=["triton", "torch"])
+@pytest.mark.parametrize("T", [None, 3])
+def test_scale_multiplies_what_is_added(launcher, T):
+    """out += scale * Σ_n (G_nᵀX_n)², onto a non-zero buffer, for both kernels (T=1 and T>1)."""
+    torch.manual_seed(5)
+    G, X = _make(5, T, 19, 23, torch.float32)
+    ref_w, ref_b = _ref(G, X)
+    w0, b0 = _rand(19, 23).abs(), _rand(19).abs()
+    w, b = w0.clone(), b0.clone()
+    launcher(w, G, X, b, scale=2.5)
+    _close(w, w0.double() + 2.5 * ref_w, RTOL_FP32)
+    _close(b, b0.double() + 2.5 * ref_b, RTOL_FP32)
+
+
 def _aot_jobs():
     """One job per kernel x input dtype x arch, with the specialisation the JIT would use
     for contiguous inputs (unit strides become constexpr 1) and the largest block sizes
@@ -215,7 +229,7 @@ def _aot_jobs():
                 "N": "i32", "T": "i32", "OUT": "i32", "IN": "i32",
                 "stride_gn": "i32", "stride_gt": "i32", "stride_go": "constexpr",
                 "stride_xn": "i32", "stride_xt": "i32", "stride_xi": "constexpr",
-                "stride_wo": "i32", "stride_wi": "constexpr",
+                "stride_wo": "i32", "stride_wi": "constexpr", "scale": "fp32",
                 "BLOCK_O": "constexpr", "BLOCK_I": "constexpr", "BLOCK_T": "constexpr",
                 "CAST_F32": "constexpr",
             }
@@ -228,7 +242,7 @@ def _aot_jobs():
                 "N": "i32", "OUT": "i32", "IN": "i32",
                 "stride_gn": "i64", "stride_go": "i64",
                 "stride_xn": "i64", "stride_xi": "i64",
-                "stride_wo": "i64", "stride_wi": "i64",
+                "stride_wo": "i64", "stride_wi": "i64", "scale": "fp32",
                 "BLOCK_O": "constexpr", "BLOCK_I": "constexpr", "BLOCK_N": "constexpr",
             }
             const = {"BLOCK_O": 64, "BLOCK_I": 64, "BLOCK_N": 32}
@@ -238,7 +252,7 @@ def _aot_jobs():
                 "out_ptr": "*fp32", "g_ptr": p,
                 "N": "i32", "T": "i32", "OUT": "i32",
                 "stride_gn": "i32", "stride_gt": "i32", "stride_go": "constexpr",
-                "stride_b": "constexpr",
+                "stride_b": "constexpr", "scale": "fp32",
                 "BLOCK_O": "constexpr", "BLOCK_T": "constexpr",
             }
             const = {"stride_go": 1, "stride_b": 1, "BLOCK_O": 128, "BLOCK_T": 16}
