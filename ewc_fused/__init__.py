@@ -10,8 +10,9 @@ Triton kernels are imported only when the triton backend is used.
 """
 from . import reference
 from .fisher import estimate_fisher
+from .fisher_io import load_fisher, save_fisher
 from .functional import ewc_adam
 from .optimizer import FusedEWCAdam, FusedEWCAdamW
 
 __version__ = "0.1.0"
-__all__ = ["FusedEWCAdam", "FusedEWCAdamW", "estimate_fisher", "ewc_adam", "reference", "__version__"]
+__all__ = ["FusedEWCAdam", "FusedEWCAdamW", "estimate_fisher", "load_fisher", "save_fisher", "ewc_adam", "reference", "__version__"]
