@@ -91,12 +91,21 @@ def _bias_corrections(step_ptr, log_beta1, log_beta2):
 @triton.jit
 def _load_update_store(
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr, step_ptr, lr_ptr,
+    scale_ptr, found_inf_ptr,
     offs, mask, lr_value, beta1, beta2, omb1, omb2, log_beta1, log_beta2,
     eps, weight_decay, ewc_lambda, fisher_beta, omfb,
     LR_IS_TENSOR: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED_WD: tl.constexpr,
     HAS_EWC: tl.constexpr, HAS_EMA: tl.constexpr, SQ_FROM_BUFFER: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
 ):
-    """Load the elements at ``offs`` of one tensor, update them, store them back."""
+    """Load the elements at ``offs`` of one tensor, update them, store them back.
+
+    HAS_FOUND_INF: a non-zero ``*found_inf_ptr`` masks every load and store off (the
+    step is skipped, running Fisher included). HAS_SCALE: g ← g / ``*scale_ptr`` and
+    a squared-gradient buffer s ← s / scale² (GradScaler's loss scale)."""
+    if HAS_FOUND_INF:
+        found = tl.load(found_inf_ptr) + tl.zeros_like(offs).to(tl.float32)  # broadcast to the block
+        mask = mask & (found == 0.0)
     if LR_IS_TENSOR:
         lr = tl.load(lr_ptr).to(tl.float32)
     else:
@@ -104,6 +113,9 @@ def _load_update_store(
     bc1, bc2_sqrt = _bias_corrections(step_ptr, log_beta1, log_beta2)
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    if HAS_SCALE:
+        inv_scale = 1.0 / tl.load(scale_ptr).to(tl.float32)
+        g = g * inv_scale
     m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
     vmax = v
@@ -120,6 +132,8 @@ def _load_update_store(
         frun = tl.load(frun_ptr + offs, mask=mask).to(tl.float32)
         if SQ_FROM_BUFFER:
             sq = tl.load(sq_ptr + offs, mask=mask).to(tl.float32)
+            if HAS_SCALE:
+                sq = sq * (inv_scale * inv_scale)
     p, m, v, vmax, frun = _ewc_adam_math(
         p, g, m, v, vmax, f, c, frun, sq,
         lr, bc1, bc2_sqrt, beta1, beta2, omb1, omb2, eps, weight_decay, ewc_lambda, fisher_beta, omfb,
@@ -137,20 +151,22 @@ def _load_update_store(
 @triton.jit
 def ewc_adam_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr,
-    step_ptr, lr_ptr, n_elements,
+    step_ptr, lr_ptr, scale_ptr, found_inf_ptr, n_elements,
     lr_value, beta1, beta2, omb1, omb2, log_beta1, log_beta2, eps, weight_decay, ewc_lambda,
     fisher_beta, omfb, LR_IS_TENSOR: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, HAS_EWC: tl.constexpr, HAS_EMA: tl.constexpr,
-    SQ_FROM_BUFFER: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    SQ_FROM_BUFFER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     """One tensor: program i updates elements [i·BLOCK_SIZE, (i+1)·BLOCK_SIZE)."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE).to(tl.int64)
     _load_update_store(
         p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr, step_ptr, lr_ptr,
+        scale_ptr, found_inf_ptr,
         offs, offs < n_elements, lr_value, beta1, beta2, omb1, omb2, log_beta1, log_beta2,
         eps, weight_decay, ewc_lambda, fisher_beta, omfb,
-        LR_IS_TENSOR, AMSGRAD, MAXIMIZE, DECOUPLED_WD, HAS_EWC, HAS_EMA, SQ_FROM_BUFFER,
+        LR_IS_TENSOR, AMSGRAD, MAXIMIZE, DECOUPLED_WD, HAS_EWC, HAS_EMA, SQ_FROM_BUFFER, HAS_SCALE, HAS_FOUND_INF,
     )
 
 
@@ -158,10 +174,12 @@ def ewc_adam_kernel(
 def ewc_adam_multi_kernel(
     ptr_table, numel_table, block_tensor, block_start,
     p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, f_ptr, c_ptr, frun_ptr, sq_ptr, step_ptr, lr_ptr,
+    scale_ptr, found_inf_ptr,
     lr_value, beta1, beta2, omb1, omb2, log_beta1, log_beta2, eps, weight_decay, ewc_lambda,
     fisher_beta, omfb, LR_IS_TENSOR: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     DECOUPLED_WD: tl.constexpr, HAS_EWC: tl.constexpr, HAS_EMA: tl.constexpr,
-    SQ_FROM_BUFFER: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    SQ_FROM_BUFFER: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     """Many tensors in one launch (CUDA only: loads pointers from ``ptr_table``).
 
@@ -188,9 +206,10 @@ def ewc_adam_multi_kernel(
     offs = start + tl.arange(0, BLOCK_SIZE).to(tl.int64)
     _load_update_store(
         p_t, g_t, m_t, v_t, vmax_t, f_t, c_t, frun_t, sq_t, step_t, lr_ptr,
+        scale_ptr, found_inf_ptr,
         offs, offs < n, lr_value, beta1, beta2, omb1, omb2, log_beta1, log_beta2,
         eps, weight_decay, ewc_lambda, fisher_beta, omfb,
-        LR_IS_TENSOR, AMSGRAD, MAXIMIZE, DECOUPLED_WD, HAS_EWC, HAS_EMA, SQ_FROM_BUFFER,
+        LR_IS_TENSOR, AMSGRAD, MAXIMIZE, DECOUPLED_WD, HAS_EWC, HAS_EMA, SQ_FROM_BUFFER, HAS_SCALE, HAS_FOUND_INF,
     )
 
 
@@ -236,6 +255,8 @@ def ewc_adam_(
     decoupled_weight_decay: bool,
     multi_tensor: bool = True,
     sq_scale: float = 1.0,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
 ) -> None:
     """Update every tensor in place; ``steps`` must already be incremented.
 
@@ -244,6 +265,9 @@ def ewc_adam_(
     lists switch the matching feature off (``fishers`` and ``anchors`` go
     together; ``sq_sources`` None means s = g², else s = sq_scale · sq_sources). With ``multi_tensor`` on CUDA,
     tensors of at most :data:`MULTI_TENSOR_MAX_NUMEL` elements share one launch.
+    ``grad_scale``/``found_inf`` (one-element fp32 tensors on the device, as
+    GradScaler passes them): gradients are divided by the scale, and the whole update
+    is skipped where ``found_inf`` is non-zero (the caller undoes the step count).
     """
     has_ewc = fishers is not None
     has_ema = fisher_runs is not None
@@ -253,7 +277,7 @@ def ewc_adam_(
     flags = dict(
         LR_IS_TENSOR=lr_is_tensor, AMSGRAD=amsgrad, MAXIMIZE=maximize,
         DECOUPLED_WD=decoupled_weight_decay, HAS_EWC=has_ewc, HAS_EMA=has_ema,
-        SQ_FROM_BUFFER=sq_from_buffer,
+        SQ_FROM_BUFFER=sq_from_buffer, HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
     )
 
     def row(i):
@@ -266,7 +290,8 @@ def ewc_adam_(
             steps[i],
         )
 
-    lr_t = lr if lr_is_tensor else steps[0]  # placeholder pointer when lr is a float
+    lr_t = lr if lr_is_tensor else steps[0]  # placeholder pointers for the features that are off
+    extra = (grad_scale if grad_scale is not None else steps[0], found_inf if found_inf is not None else steps[0])
     small: dict[tuple, list] = {}  # row dtypes -> rows: a table's rows share element types
     for i, p in enumerate(params):
         n = p.numel()
@@ -277,17 +302,17 @@ def ewc_adam_(
             small.setdefault(tuple(t.dtype for t in r), []).append(r)
             continue
         ewc_adam_kernel[(triton.cdiv(n, BLOCK),)](
-            *row(i)[:9], steps[i], lr_t, n, *scalars, **flags, BLOCK_SIZE=BLOCK,
+            *row(i)[:9], steps[i], lr_t, *extra, n, *scalars, **flags, BLOCK_SIZE=BLOCK,
         )
     for rows in small.values():
-        _launch_multi(rows, lr_t, scalars, flags)
+        _launch_multi(rows, lr_t, extra, scalars, flags)
 
 
 _TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLE_CACHE_SIZE = 64
 
 
-def _launch_multi(rows, lr_t, scalars, flags) -> None:
+def _launch_multi(rows, lr_t, extra, scalars, flags) -> None:
     """One launch over many small CUDA tensors through a pointer table.
 
     The tables depend on the tensors' addresses and sizes, which form the cache
@@ -317,5 +342,5 @@ def _launch_multi(rows, lr_t, scalars, flags) -> None:
     ptrs, numels, blk_t, blk_s = tables
     first = rows[0]
     ewc_adam_multi_kernel[(blk_t.numel(),)](
-        ptrs, numels, blk_t, blk_s, *first, lr_t, *scalars, **flags, BLOCK_SIZE=MULTI_BLOCK,
+        ptrs, numels, blk_t, blk_s, *first, lr_t, *extra, *scalars, **flags, BLOCK_SIZE=MULTI_BLOCK,
     )

@@ -124,7 +124,8 @@ def test_empty_tensor_is_skipped():
 _PTRS = ["p_ptr", "g_ptr", "m_ptr", "v_ptr", "vmax_ptr", "f_ptr", "c_ptr", "frun_ptr", "sq_ptr"]
 _SCALARS = ["lr_value", "beta1", "beta2", "omb1", "omb2", "log_beta1", "log_beta2", "eps", "weight_decay",
             "ewc_lambda", "fisher_beta", "omfb"]
-_FLAGS = ["LR_IS_TENSOR", "AMSGRAD", "MAXIMIZE", "DECOUPLED_WD", "HAS_EWC", "HAS_EMA", "SQ_FROM_BUFFER", "BLOCK_SIZE"]
+_FLAGS = ["LR_IS_TENSOR", "AMSGRAD", "MAXIMIZE", "DECOUPLED_WD", "HAS_EWC", "HAS_EMA", "SQ_FROM_BUFFER",
+          "HAS_SCALE", "HAS_FOUND_INF", "BLOCK_SIZE"]
 
 
 def _signature(pdt: str, edt: str, multi: bool) -> dict:
@@ -133,6 +134,8 @@ def _signature(pdt: str, edt: str, multi: bool) -> dict:
         sig[name] = f"*{edt}" if name in ("f_ptr", "c_ptr", "frun_ptr") else ("*fp32" if name == "sq_ptr" else f"*{pdt}")
     sig["step_ptr"] = "*fp32"
     sig["lr_ptr"] = "*fp32"
+    sig["scale_ptr"] = "*fp32"
+    sig["found_inf_ptr"] = "*fp32"
     if not multi:
         sig["n_elements"] = "i64"
     sig.update({s: "fp32" for s in _SCALARS})
