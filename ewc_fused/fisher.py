@@ -49,11 +49,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from . import distributed as _dist
 from .functional import resolve_backend
 
 __all__ = ["estimate_fisher", "MODES"]
 
 MODES = ("empirical", "exact", "sampled", "batch")
+GRANULARITIES = ("sample", "token")
 # Elements of per-sample temporaries (per-sample gradients, x̂, ...) alive at once.
 _CHUNK_ELEMS = 1 << 24
 
@@ -326,9 +328,13 @@ def estimate_fisher(
     loss_fn: Callable[[Any, Any], Tensor],
     *,
     mode: str = "empirical",
+    n_samples: int = 1,
     max_samples: Optional[int] = None,
+    granularity: str = "sample",
+    ignore_index: int = -100,
     backend: str = "auto",
-    progress: bool = False,
+    progress: bool = True,
+    process_group: Any = None,
 ) -> dict[str, Tensor]:
     """Diagonal Fisher (mean over samples of squared per-sample gradients), fp32.
 
@@ -337,14 +343,30 @@ def estimate_fisher(
             as are existing ``.grad`` fields).
         data: yields ``(inputs, targets)``; inputs a tensor, a tuple (``model(*x)``) or
             a dict (``model(**x)``), with the sample dimension first.
-        loss_fn: ``loss_fn(outputs, targets)`` -> per-sample losses of shape (N,).
+        loss_fn: ``loss_fn(outputs, targets)`` -> per-sample losses of shape (N,)
+            (a sequence model sums its tokens), or per-token losses (N, T) with
+            ``granularity="token"``.
         mode: ``"empirical"`` (true targets), ``"exact"`` (Σ_c p_c ∇ℓ(x, c)², with p
-            the softmax of outputs of shape (N, C)), ``"sampled"`` (labels drawn from p,
-            one per sample, from torch's global RNG) or ``"batch"`` (squared gradients
-            of the batch-mean loss, averaged over batches).
+            the softmax of the outputs over their last dim), ``"sampled"`` (labels drawn
+            from p, from torch's global RNG) or ``"batch"`` (squared gradients of the
+            batch-mean loss, averaged over batches).
+        n_samples: labels drawn per sample (per token) in mode ``"sampled"``; the
+            squared gradients are averaged over the draws.
         max_samples: stop after this many samples (the last batch is cut).
+        granularity: ``"sample"``, or ``"token"``: every token whose target is not
+            ``ignore_index`` is a sample, F = (1/#tokens) Σ_{n,t} (∇ℓ_nt)². Needs
+            (N, T) targets and per-token losses; exact per-token gradients for any
+            model, at one backward pass per position (× classes in mode "exact").
+        ignore_index: the padding target of ``granularity="token"`` (and of drawn
+            labels in mode "sampled" with (N, T, C) outputs).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the Linear kernels.
         progress: show a tqdm bar over batches when tqdm imports.
+        process_group: data-parallel group whose ranks each pass their own samples: the
+            result is then the Fisher over all ranks' samples (sums and counts are
+            all-reduced; every rank must call this). ``None``: the DDP group for a
+            ``DistributedDataParallel`` model (called through ``.module``), the mesh of
+            FSDP2 (DTensor) parameters on one 1-D mesh, else no reduction. Under FSDP2
+            every rank must yield the same number of batches (each forward all-gathers).
 
     Returns:
         {parameter name: fp32 Fisher of the parameter's shape} for every parameter
@@ -354,12 +376,23 @@ def estimate_fisher(
         raise ValueError(f"Invalid mode: {mode!r}; supported modes are {MODES}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"Invalid backend: {backend!r}; expected one of ('auto', 'triton', 'torch')")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"Invalid granularity: {granularity!r}; expected one of {GRANULARITIES}")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    if n_samples != 1 and mode != "sampled":
+        raise ValueError(f"n_samples={n_samples} only applies to mode='sampled' (got mode={mode!r})")
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
                                     or max_samples < 1):
         raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
 
+    runner, group = _dist.fisher_group(model, process_group)
+    if mode == "batch" and any(_dist.is_dtensor(p) for p in model.parameters() if p.requires_grad):
+        raise ValueError(
+            "mode='batch' cannot see the gradients of FSDP2-sharded (DTensor) parameters (FSDP differentiates "
+            "unsharded copies); use a per-sample mode, or fisher_ema=β in the optimizer for squared batch gradients")
     hooked, names = _collect(model, per_sample=mode != "batch")
     params = [p for p in model.parameters() if p.requires_grad]
     batch_acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params] if mode == "batch" else []
@@ -393,7 +426,8 @@ def estimate_fisher(
         except ImportError:
             pass
 
-    count = n_batches = 0
+    count = n_batches = units = 0  # units: samples, or tokens with granularity="token"
+    opts = _Opts(mode, n_samples, granularity, ignore_index, backend)
     finite: list[tuple[int, Tensor]] = []
     _ESTIMATING[0] += 1
     try:
@@ -408,19 +442,27 @@ def estimate_fisher(
                 n = k
             if n == 0:
                 continue
+            if opts.token:
+                _token_mask(targets, n, bi, opts)  # before the model and loss_fn see them
             count += n
             n_batches += 1
             if mode == "batch":
-                _one_batch_mean(model, params, batch_acc, inputs, targets, n, bi, loss_fn, finite)
+                _one_batch_mean(runner, params, batch_acc, inputs, targets, n, bi, loss_fn, opts, finite)
             else:
-                _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, mode, backend, finite)
+                units += _one_batch(runner, hooked, bufs, state, inputs, targets, n, bi, loss_fn, opts, finite)
             if max_samples is not None and count >= max_samples:
                 break  # before pulling another batch from `data`
-        if count == 0:
+        if count == 0 and group is None:
             raise ValueError("data yielded no samples")
+        if granularity == "token" and mode != "batch" and units == 0 and group is None:
+            raise ValueError(f"every target equals ignore_index={ignore_index}: no token to estimate from")
         for bi, ok in finite:
             if not bool(ok):
                 raise ValueError(f"batch {bi}: loss_fn returned non-finite losses (NaN or inf)")
+    except Exception:
+        if group is not None:
+            _dist.agree_ok(group, False)  # so that the other ranks raise instead of waiting
+        raise
     finally:
         _ESTIMATING[0] -= 1
         if it is not data and hasattr(it, "close"):
@@ -436,6 +478,17 @@ def estimate_fisher(
         for p, g in zip(params, grads):
             p.grad = g
 
+    if group is not None:  # sums and counts over all ranks' samples
+        if not _dist.agree_ok(group, True):
+            raise RuntimeError("estimate_fisher failed on another rank (see its error)")
+        count, n_batches, units = _dist.all_reduce_counts((count, n_batches, units), group)
+        if count == 0:
+            raise ValueError("data yielded no samples on any rank")
+        if granularity == "token" and mode != "batch" and units == 0:
+            raise ValueError(f"every target equals ignore_index={ignore_index} on every rank: no token to estimate from")
+        _dist.all_reduce_sum_(batch_acc if mode == "batch" else [b for h in hooked for b in bufs[h.path].values()],
+                              group)
+
     out: dict[str, Tensor] = {}
     if mode == "batch":
         return {names[id(p)]: a.div_(n_batches) for p, a in zip(params, batch_acc)}
@@ -443,35 +496,125 @@ def estimate_fisher(
     for p in model.parameters():
         if id(p) in names and names[id(p)] not in out:
             path, k = by_id[id(p)]
-            out[names[id(p)]] = bufs[path][k].div_(count)
+            out[names[id(p)]] = bufs[path][k].div_(units)
     return out
 
 
-def _check_losses(losses: Any, n: int, bi: int, what: str) -> Tensor:
+class _Opts:
+    """The per-call options of estimate_fisher that every batch needs."""
+
+    def __init__(self, mode: str, n_samples: int, granularity: str, ignore_index: int, backend: str) -> None:
+        self.mode, self.n_samples, self.granularity = mode, n_samples, granularity
+        self.ignore_index, self.backend = ignore_index, backend
+
+    @property
+    def token(self) -> bool:
+        return self.granularity == "token"
+
+
+def _check_losses(losses: Any, shape: tuple, bi: int, what: str) -> Tensor:
     if not isinstance(losses, Tensor):
         raise ValueError(f"batch {bi}: loss_fn must return a tensor of per-sample losses, got {type(losses).__name__}")
-    if tuple(losses.shape) != (n,):
-        raise ValueError(
-            f"batch {bi}: loss_fn{what} returned shape {tuple(losses.shape)}, expected ({n},): one loss "
-            "per sample (use reduction='none', and sum over tokens yourself)")
+    if tuple(losses.shape) != shape:
+        kind = ("one loss per token (reduction='none', not summed)" if len(shape) == 2
+                else "one loss per sample (use reduction='none', and sum over tokens yourself)")
+        raise ValueError(f"batch {bi}: loss_fn{what} returned shape {tuple(losses.shape)}, expected {shape}: {kind}")
     if not losses.requires_grad:
         raise ValueError(f"batch {bi}: the losses do not depend on the model through autograd")
     return losses
 
 
-def _one_batch_mean(model, params, acc, inputs, targets, n, bi, loss_fn, finite) -> None:
+def _token_mask(targets: Any, n: int, bi: int, opts: _Opts) -> Tensor:
+    if not isinstance(targets, Tensor) or targets.dim() != 2 or targets.shape[0] != n or targets.is_floating_point():
+        got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+        raise ValueError(
+            f"batch {bi}: granularity='token' needs integer targets of shape (N, T) with padding marked by "
+            f"ignore_index={opts.ignore_index}; got {got}")
+    return targets != opts.ignore_index
+
+
+def _one_batch_mean(model, params, acc, inputs, targets, n, bi, loss_fn, opts, finite) -> None:
     """mode="batch": the squared gradient of the batch-mean loss (no per-sample terms)."""
     with torch.enable_grad():
-        losses = _check_losses(loss_fn(_call(model, inputs), targets), n, bi, "")
-        finite.append((bi, torch.isfinite(losses.detach()).all()))
-        grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
+        if opts.token:
+            mask = _token_mask(targets, n, bi, opts)
+            losses = _check_losses(loss_fn(_call(model, inputs), targets), tuple(mask.shape), bi, "")
+            finite.append((bi, torch.isfinite(losses.detach()[mask]).all()))
+            mean = (losses * mask).sum() / mask.sum().clamp_min(1)
+        else:
+            losses = _check_losses(loss_fn(_call(model, inputs), targets), (n,), bi, "")
+            finite.append((bi, torch.isfinite(losses.detach()).all()))
+            mean = losses.mean()
+        grads = torch.autograd.grad(mean, params, allow_unused=True)
     with torch.no_grad():
         for a, g in zip(acc, grads):
             if g is not None:
                 a.add_(g.float().square())
 
 
-def _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, mode, backend, finite) -> None:
+def _class_outputs(outputs: Any, n: int, bi: int, opts: _Opts, targets: Any) -> Tensor:
+    """The logits of modes exact/sampled: (N, C), or (N, T, C) with (N, T) targets."""
+    ok = isinstance(outputs, Tensor) and outputs.shape[:1] == (n,) and (
+        outputs.dim() == 2 or (outputs.dim() == 3 and isinstance(targets, Tensor)
+                               and tuple(targets.shape) == tuple(outputs.shape[:2])))
+    if not ok:
+        shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
+        raise ValueError(
+            f"mode={opts.mode!r} needs class logits: model outputs of shape (N, C) = ({n}, C), or (N, T, C) with "
+            f"targets of shape (N, T); got {shape}")
+    if not isinstance(targets, Tensor):
+        raise ValueError(f"batch {bi}: mode={opts.mode!r} needs tensor targets, got {type(targets).__name__}")
+    if opts.mode == "exact" and outputs.dim() == 3 and not opts.token:
+        raise ValueError(
+            "mode='exact' with (N, T, C) outputs needs granularity='token' (each token a sample); "
+            "for per-sequence Fisher use mode='sampled' or 'empirical'")
+    return outputs
+
+
+def _weighted_losses(outputs, targets, losses, n, bi, loss_fn, opts, finite) -> tuple[list[tuple[Tensor, float]], int]:
+    """The scalars whose output gradients, squared per sample, add up to the Fisher sum:
+    [(Σ_n w_n ℓ_n, scale)], and how many units (samples or tokens) the batch holds."""
+    mode = opts.mode
+    mask = _token_mask(targets, n, bi, opts) if opts.token else None
+    shape = tuple(mask.shape) if opts.token else (n,)
+    _check_losses(losses, shape, bi, "")
+    finite.append((bi, torch.isfinite(losses.detach()[mask] if opts.token else losses.detach()).all()))
+    units = int(mask.sum()) if opts.token else n
+
+    def per_unit(total_losses: Tensor, weight: Optional[Tensor] = None) -> list[Tensor]:
+        """One scalar per sample group: Σ_n (w·ℓ)_n, or one per position with token granularity."""
+        wl = total_losses if weight is None else total_losses * weight
+        if not opts.token:
+            return [wl.sum()]
+        wl = wl * mask
+        return [wl[:, t].sum() for t in range(wl.shape[1]) if bool(mask[:, t].any())]
+
+    if mode == "empirical":
+        return [(x, 1.0) for x in per_unit(losses)], units
+    logits = _class_outputs(outputs, n, bi, opts, targets)
+    probs = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    out: list[tuple[Tensor, float]] = []
+    if mode == "sampled":  # labels drawn from the model: an unbiased estimate of "exact"
+        if not bool(torch.isfinite(probs).all()):
+            raise ValueError(f"batch {bi}: the model's outputs are non-finite (NaN or inf); cannot sample labels")
+        flat = probs.reshape(-1, probs.shape[-1])
+        for _ in range(opts.n_samples):
+            ys = torch.multinomial(flat, 1).squeeze(1).to(targets.dtype).reshape(targets.shape)
+            if logits.dim() == 3:
+                ys = torch.where(targets == opts.ignore_index, targets, ys)
+            ls = _check_losses(loss_fn(outputs, ys), shape, bi, " (sampled labels)")
+            out += [(x, 1.0 / opts.n_samples) for x in per_unit(ls)]
+    else:  # exact: Σ_c p_c (∇ℓ(c))², each class's loss weighted by √p_c before squaring
+        for c in range(logits.shape[-1]):
+            yc = torch.full_like(targets, c)
+            if logits.dim() == 3:
+                yc = torch.where(targets == opts.ignore_index, targets, yc)
+            lc = _check_losses(loss_fn(outputs, yc), shape, bi, f" (class {c})")
+            out += [(x, 1.0) for x in per_unit(lc, probs[..., c].sqrt().to(lc.dtype))]
+    return out, units
+
+
+def _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, opts, finite) -> int:
     with torch.enable_grad():
         for _attempt in range(2):
             for h in hooked:
@@ -482,7 +625,7 @@ def _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, mode
                 outputs = _call(model, inputs)
             finally:
                 state["active"] = False
-            losses = _check_losses(loss_fn(outputs, targets), n, bi, "")
+            losses = loss_fn(outputs, targets)
             rewritten = any(
                 o._version != v
                 for h in hooked for (_, _, out), vs in zip(h.calls, h.versions)
@@ -492,7 +635,7 @@ def _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, mode
             if state["clone"]:  # pragma: no cover - cloned outputs are never modified
                 raise RuntimeError("module outputs modified in place even after cloning")
             state["clone"] = True  # e.g. ReLU(inplace=True): redo this batch with cloned outputs
-        finite.append((bi, torch.isfinite(losses.detach()).all()))
+        weighted, units = _weighted_losses(outputs, targets, losses, n, bi, loss_fn, opts, finite)
 
         # the tensors to differentiate: every saved output leaf that is in the graph
         slots = []  # (hooked, call index, leaf index)
@@ -504,31 +647,9 @@ def _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, mode
                         slots.append((h, ci, li))
                         targets_t.append(o)
         if not targets_t:
-            return
+            return units
 
-        if mode == "empirical":
-            weighted = [losses.sum()]
-        else:
-            if not isinstance(outputs, Tensor) or outputs.dim() != 2 or outputs.shape[0] != n:
-                shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__
-                raise ValueError(
-                    f"mode={mode!r} needs model outputs of shape (N, C) = ({n}, C), one class distribution "
-                    f"per sample; got {shape}")
-            if not isinstance(targets, Tensor):
-                raise ValueError(f"batch {bi}: mode={mode!r} needs tensor targets, got {type(targets).__name__}")
-            probs = torch.softmax(outputs.detach().to(torch.promote_types(outputs.dtype, torch.float32)), -1)
-            weighted = []
-        if mode == "sampled":  # one label per sample drawn from the model: an unbiased estimate of "exact"
-            if not bool(torch.isfinite(probs).all()):
-                raise ValueError(f"batch {bi}: the model's outputs are non-finite (NaN or inf); cannot sample labels")
-            ys = torch.multinomial(probs, 1).squeeze(1).to(targets.dtype).reshape(targets.shape)
-            weighted.append(_check_losses(loss_fn(outputs, ys), n, bi, " (sampled labels)").sum())
-        elif mode == "exact":
-            for c in range(outputs.shape[-1]):
-                lc = _check_losses(loss_fn(outputs, torch.full_like(targets, c)), n, bi, f" (class {c})")
-                weighted.append((lc * probs[:, c].sqrt().to(lc.dtype)).sum())
-
-        for wi, total in enumerate(weighted):
+        for wi, (total, scale) in enumerate(weighted):
             gs = torch.autograd.grad(total, targets_t, retain_graph=wi + 1 < len(weighted), allow_unused=True)
             per_h: dict[int, dict[int, dict[int, Tensor]]] = {}
             for (h, ci, li), g in zip(slots, gs):
@@ -553,5 +674,6 @@ def _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, mode
                         calls.append((args, kwargs, [g for g, o in zip(g_leaves, leaves) if isinstance(o, Tensor)]))
                 if calls:
                     with torch.no_grad() if h.kind != "generic" else contextlib.nullcontext():
-                        _RULES[h.kind](h, calls, n, bufs[h.path], backend)
+                        _RULES[h.kind](h, calls, n, bufs[h.path], opts.backend, scale)
+    return units
 

@@ -17,6 +17,8 @@ Backends:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,6 +26,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .distributed import is_dtensor, local_list
 
 __all__ = ["ewc_adam", "resolve_backend", "triton_available", "interpreter_enabled", "GROUP_NUMEL"]
 
@@ -103,22 +107,42 @@ def ewc_adam(
     hyper: Hyper,
     *,
     backend: str,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
 ) -> None:
     """One EWC-Adam step over one bucket (one device, one parameter dtype).
+
+    ``grad_scale``/``found_inf`` (one-element fp32 tensors on the bucket's device, as
+    ``torch.amp.GradScaler`` hands them to a step that unscales): the gradients are
+    g / grad_scale (squared-gradient sources / grad_scale²), and a non-zero found_inf
+    skips the whole update, step counts and running Fisher included.
 
     ``fishers``/``anchors`` None: no penalty; ``fisher_runs`` None: no running
     Fisher; ``sq_sources`` None: the running Fisher takes g², else
     ``hyper.sq_scale`` · sq_sources. ``state_steps`` are
     incremented here (once per step), like ``torch.optim.adam.adam`` does.
+    DTensors (FSDP2) are updated through their local shards, so each row must
+    share the parameter's mesh and placements (``FusedEWCAdam.step`` checks that).
     """
     if not params:
         return
+    if any(is_dtensor(p) for p in params):  # FSDP2: elementwise, so exact on local shards
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, anchors, fisher_runs, sq_sources = (
+            local_list(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, anchors,
+                                      fisher_runs, sq_sources))
     if backend == "triton" and all(_kernel_compatible(t) for t in _rows(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, fishers, anchors, fisher_runs, sq_sources)):
         _triton_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                         fishers, anchors, fisher_runs, sq_sources, hyper)
-    else:
-        _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                        fishers, anchors, fisher_runs, sq_sources, hyper)
+                         fishers, anchors, fisher_runs, sq_sources, hyper, grad_scale, found_inf)
+        return
+    if found_inf is not None and bool(found_inf.item()):  # host sync: the torch backend's only way to skip
+        return
+    if grad_scale is not None:  # unscale in place, as GradScaler.unscale_ would have
+        inv = 1.0 / float(grad_scale.item())
+        torch._foreach_mul_(grads, inv)
+        if sq_sources is not None:
+            hyper = dataclasses.replace(hyper, sq_scale=hyper.sq_scale * inv * inv)
+    _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                    fishers, anchors, fisher_runs, sq_sources, hyper)
 
 
 def _rows(*lists):
@@ -147,7 +171,7 @@ def _dense_non_overlapping(t: Tensor) -> bool:
 
 
 def _triton_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                     fishers, anchors, fisher_runs, sq_sources, h: Hyper) -> None:
+                     fishers, anchors, fisher_runs, sq_sources, h: Hyper, grad_scale=None, found_inf=None) -> None:
     from ewc_fused.kernels.ewc_adam import ewc_adam_
 
     lr = h.lr
@@ -160,7 +184,10 @@ def _triton_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, stat
         lr=lr, beta1=h.beta1, beta2=h.beta2, eps=h.eps, weight_decay=h.weight_decay,
         ewc_lambda=h.ewc_lambda, fisher_beta=h.fisher_beta, amsgrad=h.amsgrad,
         maximize=h.maximize, decoupled_weight_decay=h.decoupled_weight_decay, sq_scale=h.sq_scale,
+        grad_scale=grad_scale, found_inf=found_inf,
     )
+    if found_inf is not None:  # a skipped step does not count (as torch's fused Adam)
+        torch._foreach_sub_(state_steps, [found_inf.reshape(())] * len(state_steps))
 
 
 def _groups_by_numel(n: int, numels: list[int], budget: int = GROUP_NUMEL):

@@ -10,12 +10,14 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from . import consolidation as _cons
+from . import distributed as _dist
 from .functional import BACKENDS, Hyper, ewc_adam, resolve_backend
 from .tracker import LOSS_REDUCTIONS, FisherTracker
 
 __all__ = ["FusedEWCAdam", "FusedEWCAdamW"]
 
 FisherMapping = Mapping[Union[str, Tensor], Tensor]
+NONFINITE = ("propagate", "skip", "raise")
 EWC_STATE_KEYS = ("ewc_fisher", "ewc_anchor", "ewc_const", "fisher_ema", "fisher_ema_step")
 _EWC_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -56,6 +58,12 @@ class FusedEWCAdam(torch.optim.Adam):
         ewc_dtype: storage dtype of F, c and F_run (arithmetic is fp32).
         backend: ``"auto"`` (triton on CUDA when available, else torch),
             ``"triton"`` or ``"torch"``.
+        nonfinite: what a step does with inf/NaN gradients: ``"propagate"`` (as
+            ``torch.optim.Adam``: no check, no extra pass), ``"skip"`` (the whole
+            update is skipped, step count, moments and running Fisher included;
+            counted in ``skipped_steps``) or ``"raise"`` (FloatingPointError naming the
+            parameters, nothing updated). Both checks cost one read of the gradients.
+            Under ``torch.amp.GradScaler`` the scaler's own check skips such steps.
     """
 
     def __init__(
@@ -77,6 +85,7 @@ class FusedEWCAdam(torch.optim.Adam):
         fisher_ema: Optional[float] = None,
         ewc_dtype: torch.dtype = torch.float32,
         backend: str = "auto",
+        nonfinite: str = "propagate",
     ) -> None:
         if differentiable:
             raise NotImplementedError(
@@ -88,6 +97,9 @@ class FusedEWCAdam(torch.optim.Adam):
             raise ValueError(f"Invalid ewc_dtype: {ewc_dtype}; expected one of {_EWC_DTYPES}")
         if backend not in BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {BACKENDS}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"Invalid nonfinite: {nonfinite!r}; expected one of {NONFINITE}")
+        self.nonfinite = nonfinite
         self._ewc_defaults = {"ewc_lambda": ewc_lambda, "fisher_ema": fisher_ema}
         self._check_ewc_group(self._ewc_defaults, where="")
         self.ewc_dtype = ewc_dtype
@@ -98,9 +110,10 @@ class FusedEWCAdam(torch.optim.Adam):
             differentiable=False, fused=fused, decoupled_weight_decay=decoupled_weight_decay,
         )
         self.defaults.update(self._ewc_defaults)
-        # GradScaler may hand the step grad_scale/found_inf only when the step unscales;
-        # this one does not (yet), so leave that to GradScaler.unscale_.
-        self._step_supports_amp_scaling = False
+        # GradScaler hands step() grad_scale/found_inf (attributes) instead of unscaling:
+        # the kernel divides g by the scale and skips the whole update on inf/NaN.
+        self._step_supports_amp_scaling = True
+        self._skipped: Optional[Tensor] = None  # device count of steps skipped by nonfinite="skip"
         self._sq_grads: dict[Tensor, Tensor] = {}
         self._tracker: Optional[FisherTracker] = None
 
@@ -152,6 +165,10 @@ class FusedEWCAdam(torch.optim.Adam):
     def _key(self, p: Tensor, name: Optional[str]):
         return name if name is not None else p
 
+    def _label(self, p: Tensor, gi: int, j: int) -> str:
+        names = self.param_groups[gi].get("param_names")
+        return _cons.describe(p, (gi, j, names[j] if names is not None else None))
+
     def _backend_for(self, p: Tensor) -> str:
         return resolve_backend(self.backend, p.device)
 
@@ -191,18 +208,34 @@ class FusedEWCAdam(torch.optim.Adam):
         backends: dict[torch.device, str] = {}
         for gi, group in enumerate(self.param_groups):
             self._check_ewc_group(group, f" in param group {gi}")
-            for p in group["params"]:
+            for j, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(
                         "FusedEWCAdam does not support sparse gradients, please consider SparseAdam instead"
                     )
+                if _dist.is_dtensor(p):  # FSDP2: the step runs on local shards placed alike
+                    _dist.check_step(p, self.state.get(p, {}), lambda: self._label(p, gi, j))
                 if p.device not in backends:
                     backends[p.device] = self._backend_for(p)
         tracker = self._tracker
         if tracker is not None:
             tracker._check_ready()
+        grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step around this call
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None and self.nonfinite != "propagate":
+            found_inf = self._find_nonfinite()  # raises for nonfinite="raise", before any change
+        per_device: dict[torch.device, tuple] = {}
+
+        def scaling(dev: torch.device) -> tuple[Optional[Tensor], Optional[Tensor]]:
+            if dev not in per_device:
+                per_device[dev] = tuple(
+                    None if t is None else t.to(dev, torch.float32, non_blocking=True).reshape(1)
+                    for t in (grad_scale, found_inf))
+            return per_device[dev]
+
+        ema_skip = None  # host value of found_inf, read only if a running Fisher needs it
         sq, sq_scale = self._sq_grads, 1.0
         self._sq_grads = {}
         if tracker is not None:
@@ -242,12 +275,45 @@ class FusedEWCAdam(torch.optim.Adam):
                         foreach=group["foreach"], fused=group["fused"], capturable=group["capturable"],
                     ),
                     backend=backend,
+                    grad_scale=scaling(ps[0].device)[0],
+                    found_inf=scaling(ps[0].device)[1],
                 )
                 if has_ema:
-                    torch._foreach_add_([s["fisher_ema_step"] for s in states], 1)
+                    if found_inf is not None and ema_skip is None:
+                        ema_skip = bool(found_inf.item())  # host sync (the count lives on the CPU)
+                    if not ema_skip:
+                        torch._foreach_add_([s["fisher_ema_step"] for s in states], 1)
         if tracker is not None:
             tracker._reset()
+        if found_inf is not None and not hasattr(self, "found_inf"):  # our own check (no host sync)
+            self._skipped = found_inf.clone() if self._skipped is None else self._skipped + found_inf
         return loss
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients with ``nonfinite="skip"`` (reading it syncs)."""
+        return 0 if self._skipped is None else int(self._skipped.item())
+
+    def _find_nonfinite(self) -> Optional[Tensor]:
+        """found_inf (1.0 if any gradient holds inf/NaN) on the first gradient's device;
+        for ``nonfinite="raise"`` raises naming the parameters instead."""
+        grads = [(p, gi, j) for gi, group in enumerate(self.param_groups)
+                 for j, p in enumerate(group["params"]) if p.grad is not None]
+        if not grads:
+            return None
+        found = None
+        for p, _, _ in grads:
+            g = p.grad.to_local() if _dist.is_dtensor(p.grad) else p.grad
+            bad = torch.logical_not(torch.isfinite(g).all()).float().reshape(1)
+            found = bad if found is None else found + bad.to(found.device)
+        if self.nonfinite == "raise" and bool(found.item()):
+            names = [self._label(p, gi, j) for p, gi, j in grads
+                     if not bool(torch.isfinite(p.grad.to_local() if _dist.is_dtensor(p.grad) else p.grad).all())]
+            raise FloatingPointError(
+                f"non-finite gradient (inf or NaN) in {', '.join(names[:5])}"
+                f"{f' and {len(names) - 5} more' if len(names) > 5 else ''}; nothing was updated "
+                "(nonfinite='raise'; 'skip' skips such steps)")
+        return found
 
     def _set_squared_grads(self, sq_grads: Mapping[Tensor, Tensor]) -> None:
         """Give the next step a per-parameter squared-gradient source for the running
@@ -352,14 +418,29 @@ class FusedEWCAdam(torch.optim.Adam):
                     "consolidate() without a fisher uses the running Fisher, but no parameter has one: "
                     "set fisher_ema=β (e.g. 0.99) and take steps first, or pass fisher=..."
                 )
-        for p, f_new, gi in self._resolve_fisher(fisher):
+        resolved = self._resolve_fisher(fisher)
+        sharded = [(p, f) for p, f, _ in resolved if isinstance(f, _dist.ShardedFisher)]
+        if sharded:  # FSDP2: the shards' values are checked, on every rank together, before any change
+            _dist.check_sharded(sharded, _cons.check_fisher)
+        updates = []
+        for p, f_new, gi in resolved:
             # Adam's state too, so that a checkpoint taken now loads into torch.optim.Adam.
             state = self._init_state(self.param_groups[gi], p)
-            new = _cons.combine(
-                p.detach(), f_new,
-                state.get("ewc_fisher"), state.get("ewc_anchor"), state.get("ewc_const"),
-                mode=mode, decay=float(decay), dtype=self.ewc_dtype,
-            )
+            if isinstance(f_new, _dist.ShardedFisher):  # K comes back as this rank's part of the sum
+                new = _dist.combine_sharded(p, f_new.local, state, mode=mode, decay=float(decay), dtype=self.ewc_dtype)
+            else:
+                new = _cons.combine(
+                    p.detach(), f_new,
+                    state.get("ewc_fisher"), state.get("ewc_anchor"), state.get("ewc_const"),
+                    mode=mode, decay=float(decay), dtype=self.ewc_dtype,
+                )
+            updates.append((state, new))
+        if sharded:  # K of a sharded parameter: the sum of its shards' parts (a collective)
+            parts = [(p, new[2]) for (p, f, _), (_, new) in zip(resolved, updates) if isinstance(f, _dist.ShardedFisher)]
+            totals = iter(_dist.sum_over_shards(parts))
+            updates = [(st, (new[0], new[1], next(totals)) if isinstance(f, _dist.ShardedFisher) else new)
+                       for (_, f, _), (st, new) in zip(resolved, updates)]
+        for state, new in updates:
             state["ewc_fisher"], state["ewc_anchor"], state["ewc_const"] = new
 
     def _resolve_fisher(self, fisher: FisherMapping) -> list[tuple[Tensor, Tensor, int]]:
@@ -387,7 +468,10 @@ class FusedEWCAdam(torch.optim.Adam):
                 raise TypeError(f"fisher keys must be parameter names or Parameters, got {type(key).__name__}")
             if not p.requires_grad:
                 continue
-            _cons.check_fisher(f, p, label)
+            if _dist.is_dtensor(p):  # FSDP2: this rank's shard; its values are checked in consolidate()
+                f = _dist.fisher_shard(f, p, label)
+            else:
+                _cons.check_fisher(f, p, label)
             if p in out:
                 raise ValueError(f"fisher has two entries for parameter {label}")
             out[p] = f
@@ -412,9 +496,13 @@ class FusedEWCAdam(torch.optim.Adam):
 
     @torch.no_grad()
     def ewc_penalty(self) -> Tensor:
-        """Σ_groups (λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)², exactly, as a float32 tensor (no grad)."""
+        """Σ_groups (λ/2) Σ_t Σ_i F_t,i (θ_i − θ*_t,i)², exactly, as a float32 tensor (no grad).
+
+        With DTensor (FSDP2) parameters this is a collective: every rank gets the global value.
+        """
         total = torch.zeros((), dtype=torch.float64)
         device = None
+        sharded: list[tuple[Tensor, Tensor]] = []
         for group in self.param_groups:
             lam = float(group["ewc_lambda"])
             for p in group["params"]:
@@ -422,8 +510,13 @@ class FusedEWCAdam(torch.optim.Adam):
                 if "ewc_fisher" not in state:
                     continue
                 device = device or p.device
+                if _dist.is_dtensor(p):  # FSDP2: this rank's part, summed over the shards below
+                    sharded.append((p, 0.5 * lam * _dist.quadratic_part(p, state)))
+                    continue
                 q = _cons.quadratic(p.detach(), state["ewc_fisher"], state["ewc_anchor"], state["ewc_const"])
                 total += 0.5 * lam * q.cpu()
+        if sharded:
+            total += sum(_dist.sum_over_shards(sharded))
         dev = device or (self.param_groups[0]["params"][0].device if self.param_groups and self.param_groups[0]["params"] else "cpu")
         return total.to(device=dev, dtype=torch.float32)
 
@@ -483,6 +576,10 @@ class FusedEWCAdam(torch.optim.Adam):
                     )
             ewc_parts[p] = part
             rest_state[pid] = {k: v for k, v in st.items() if k not in EWC_STATE_KEYS}
+            if _dist.is_dtensor(p):  # FSDP2: moments, F, c, F_run placed like the parameter (full tensors sharded)
+                for d in (part, rest_state[pid]):
+                    d.update({k: _dist.shard_like(v, p, f"loaded {k} for a DTensor parameter of shape {tuple(p.shape)}")
+                              for k, v in d.items() if k in _dist.PARAM_SHAPED_STATE and isinstance(v, Tensor)})
         self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
         self._optimizer_load_state_dict_post_hooks = type(post_hooks)()
         try:

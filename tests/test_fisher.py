@@ -37,10 +37,12 @@ def _mlp():
 
 
 # --------------------------------------------------------------------------- whole models
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("mode", ["empirical", "exact"])
-def test_mlp_matches_reference(mode):
+def test_mlp_matches_reference(mode, backend):
     model, data = _mlp(), _mlp_batches()
-    _close(estimate_fisher(model, data, _ce, mode=mode), per_sample_fisher(model, data, _ce, mode=mode))
+    _close(estimate_fisher(model, data, _ce, mode=mode, backend=backend),
+           per_sample_fisher(model, data, _ce, mode=mode))
 
 
 def test_sampled_mode_is_empirical_at_drawn_labels():
@@ -122,10 +124,136 @@ def test_sequence_model_empirical():
     assert float(got["emb.weight"][0].abs().max()) == 0.0  # padding row gets no gradient
 
 
-def test_sequence_model_exact_refused():
+def test_sequence_model_exact_needs_token_granularity():
     model = _Seq().double()
-    with pytest.raises(ValueError, match=r"mode='exact' needs model outputs of shape \(N, C\)"):
+    with pytest.raises(ValueError, match=r"mode='exact' with \(N, T, C\) outputs needs granularity='token'"):
         estimate_fisher(model, _seq_batches(), _seq_loss, mode="exact")
+
+
+def _tok_loss(out, y):
+    """Per-token cross-entropy (N, T); target -1 is padding (loss 0, no gradient)."""
+    n, t, c = out.shape
+    return F.cross_entropy(out.reshape(n * t, c), y.reshape(-1), ignore_index=-1, reduction="none").reshape(n, t)
+
+
+def _token_loop_fisher(model, data, mode="empirical", labels=None):
+    """Per-token oracle: one autograd call per (sample, unmasked token[, class])."""
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    acc = {k: torch.zeros_like(p) for k, p in named}
+    count = 0
+    for bi, (x, y) in enumerate(data):
+        for i in range(y.shape[0]):
+            for t in range(y.shape[1]):
+                if y[i, t] < 0:
+                    continue
+                out = model(x[i:i + 1])[0, t]
+                if mode == "empirical":
+                    terms = [(1.0, y[i, t] if labels is None else labels[bi][i, t])]
+                else:
+                    p = torch.softmax(out.detach(), -1)
+                    terms = [(float(p[c]), torch.tensor(c)) for c in range(out.shape[-1])]
+                for w, c in terms:
+                    loss = F.cross_entropy(out[None], c.reshape(1))
+                    grads = torch.autograd.grad(loss, [p for _, p in named], retain_graph=True, allow_unused=True)
+                    for (k, _), g in zip(named, grads):
+                        if g is not None:
+                            acc[k] += w * g ** 2
+                count += 1
+    return {k: a / count for k, a in acc.items()}
+
+
+# The mode changes only which output gradients reach the kernels, so the interpreted triton
+# kernels run once (empirical); exact takes T x C backward passes, too slow interpreted.
+@pytest.mark.parametrize("mode,backend", [("empirical", "torch"), ("empirical", "triton"), ("exact", "torch")])
+def test_token_granularity_matches_per_token_loop(mode, backend):
+    torch.manual_seed(2)
+    model = _Seq().double()
+    data = _seq_batches()
+    got = estimate_fisher(model, data, _tok_loss, mode=mode, granularity="token", ignore_index=-1, backend=backend)
+    _close(got, _token_loop_fisher(model, data, mode))
+    assert float(got["emb.weight"][0].abs().max()) == 0.0
+
+
+def test_token_granularity_sampled_is_empirical_at_drawn_labels():
+    torch.manual_seed(2)
+    model = _Seq().double()
+    data = _seq_batches()
+    torch.manual_seed(7)
+    got = estimate_fisher(model, data, _tok_loss, mode="sampled", granularity="token", ignore_index=-1)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        labels = []
+        for x, y in data:
+            p = torch.softmax(model(x), -1)
+            labels.append(torch.multinomial(p.reshape(-1, p.shape[-1]), 1).reshape(y.shape))
+    _close(got, _token_loop_fisher(model, data, "empirical", labels))
+
+
+def test_sequence_sampled_per_sample_keeps_padding():
+    """Sample granularity, (N, T, C) logits: one label per unmasked token, per-sample sums."""
+    torch.manual_seed(2)
+    model = _Seq().double()
+    data = _seq_batches()
+    torch.manual_seed(8)
+    got = estimate_fisher(model, data, _seq_loss, mode="sampled", ignore_index=-1)
+    torch.manual_seed(8)
+    drawn = []
+    with torch.no_grad():
+        for x, y in data:
+            p = torch.softmax(model(x), -1)
+            ys = torch.multinomial(p.reshape(-1, p.shape[-1]), 1).reshape(y.shape)
+            drawn.append((x, torch.where(y == -1, y, ys)))
+    _close(got, _loop_fisher(model, drawn, _seq_loss))
+
+
+def test_sampled_n_samples_averages_the_draws():
+    model, data = _mlp(), _mlp_batches()
+    torch.manual_seed(3)
+    got = estimate_fisher(model, data, _ce, mode="sampled", n_samples=3)
+    torch.manual_seed(3)
+    want = None
+    with torch.no_grad():
+        draws = []
+        for x, _ in data:
+            p = torch.softmax(model(x), -1)
+            draws.append([torch.multinomial(p, 1).squeeze(1) for _ in range(3)])
+    for k in range(3):
+        f = per_sample_fisher(model, [(x, d[k]) for (x, _), d in zip(data, draws)], _ce)
+        want = f if want is None else {n: want[n] + f[n] for n in f}
+    _close(got, {n: v / 3 for n, v in want.items()})
+
+
+def test_token_granularity_bad_input():
+    model = _Seq().double()
+    data = _seq_batches()
+    with pytest.raises(ValueError, match=r"expected \(3, 7\): one loss per token"):
+        estimate_fisher(model, data, _seq_loss, granularity="token", ignore_index=-1)
+    with pytest.raises(ValueError, match=r"integer targets of shape \(N, T\)"):
+        estimate_fisher(model, [(x, y.double()) for x, y in data], _tok_loss, granularity="token")
+    with pytest.raises(ValueError, match="no token to estimate from"):
+        estimate_fisher(model, [(x, torch.full_like(y, -1)) for x, y in data], _tok_loss, granularity="token",
+                        ignore_index=-1)
+    with pytest.raises(ValueError, match="Invalid granularity"):
+        estimate_fisher(model, data, _tok_loss, granularity="word")
+    with pytest.raises(ValueError, match="n_samples"):
+        estimate_fisher(model, data, _seq_loss, mode="sampled", n_samples=0)
+    with pytest.raises(ValueError, match="only applies to mode='sampled'"):
+        estimate_fisher(model, data, _seq_loss, n_samples=2)
+
+
+def test_token_granularity_batch_mode():
+    """mode='batch': squared gradient of the mean over unmasked tokens, averaged over batches."""
+    model = _Seq().double()
+    data = _seq_batches()
+    got = estimate_fisher(model, data, _tok_loss, mode="batch", granularity="token", ignore_index=-1)
+    named = dict(model.named_parameters())
+    want = {k: torch.zeros_like(p) for k, p in named.items()}
+    for x, y in data:
+        losses = _tok_loss(model(x), y)
+        grads = torch.autograd.grad(losses.sum() / (y >= 0).sum(), list(named.values()))
+        for k, g in zip(named, grads):
+            want[k] += g ** 2 / len(data)
+    _close(got, want)
 
 
 # --------------------------------------------------------------------------- each rule alone
