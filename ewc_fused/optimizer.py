@@ -22,6 +22,10 @@ EWC_STATE_KEYS = ("ewc_fisher", "ewc_anchor", "ewc_const", "fisher_ema", "fisher
 _EWC_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class FusedEWCAdam(torch.optim.Adam):
     r"""Adam (or AdamW) with Elastic Weight Consolidation fused into the step.
 
@@ -190,8 +194,16 @@ class FusedEWCAdam(torch.optim.Adam):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         if group["fisher_ema"] is not None and "fisher_ema" not in state:
             state["fisher_ema"] = torch.zeros_like(p, dtype=self.ewc_dtype, memory_format=torch.preserve_format)
-            state["fisher_ema_step"] = torch.zeros((), dtype=torch.float64)
+            state["fisher_ema_step"] = torch.zeros((), dtype=torch.float64, device=self._count_device(group, p))
+        elif "fisher_ema_step" in state and state["fisher_ema_step"].device != self._count_device(group, p):
+            state["fisher_ema_step"] = state["fisher_ema_step"].to(self._count_device(group, p))
         return state
+
+    @staticmethod
+    def _count_device(group: Mapping[str, Any], p: Tensor) -> torch.device:
+        """Where the running-Fisher step count lives: the CPU, or θ's device when the
+        group is capturable (a CUDA graph must be able to increment it)."""
+        return p.device if group["capturable"] else torch.device("cpu")
 
     # ------------------------------------------------------------------ step
 
@@ -225,6 +237,9 @@ class FusedEWCAdam(torch.optim.Adam):
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step around this call
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None and self.nonfinite != "propagate":
+            if self.nonfinite == "raise" and _capturing():
+                raise RuntimeError("nonfinite='raise' reads a flag on the host, which a CUDA graph cannot capture; "
+                                   "use nonfinite='skip' (no host sync) for captured steps")
             found_inf = self._find_nonfinite()  # raises for nonfinite="raise", before any change
         per_device: dict[torch.device, tuple] = {}
 
@@ -279,10 +294,17 @@ class FusedEWCAdam(torch.optim.Adam):
                     found_inf=scaling(ps[0].device)[1],
                 )
                 if has_ema:
-                    if found_inf is not None and ema_skip is None:
-                        ema_skip = bool(found_inf.item())  # host sync (the count lives on the CPU)
-                    if not ema_skip:
-                        torch._foreach_add_([s["fisher_ema_step"] for s in states], 1)
+                    counts = [s["fisher_ema_step"] for s in states]
+                    fi = scaling(ps[0].device)[1]
+                    if fi is None:
+                        torch._foreach_add_(counts, 1)
+                    elif counts[0].device == fi.device:  # capturable: no host sync
+                        torch._foreach_add_(counts, [(1 - fi).reshape(()).to(torch.float64)] * len(counts))
+                    else:
+                        if ema_skip is None:
+                            ema_skip = bool(found_inf.item())  # host sync (the count lives on the CPU)
+                        if not ema_skip:
+                            torch._foreach_add_(counts, 1)
         if tracker is not None:
             tracker._reset()
         if found_inf is not None and not hasattr(self, "found_inf"):  # our own check (no host sync)
@@ -587,11 +609,15 @@ class FusedEWCAdam(torch.optim.Adam):
         finally:
             self._optimizer_load_state_dict_pre_hooks = pre_hooks
             self._optimizer_load_state_dict_post_hooks = post_hooks
+        owned = self._owned()
         for p, part in ewc_parts.items():
             st = self.state[p]
             for k, v in part.items():
                 if k in ("ewc_fisher", "ewc_anchor", "fisher_ema"):
                     st[k] = v.to(device=p.device, dtype=self.ewc_dtype)
+                elif k == "fisher_ema_step":
+                    dev = self._count_device(self.param_groups[owned[p][0]], p)
+                    st[k] = v.to(device=dev, dtype=torch.float64).clone()
                 else:
                     st[k] = v.to(dtype=torch.float64).clone()
         for hook in list(post_hooks.values()):

@@ -310,6 +310,8 @@ def ewc_adam_(
 
 _TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLE_CACHE_SIZE = 64
+# Tables a CUDA graph has captured: never evicted (a replay reads them), with their pinned host copies.
+_CAPTURED_TABLES: dict[tuple, tuple] = {}
 
 
 def _launch_multi(rows, lr_t, extra, scalars, flags) -> None:
@@ -318,14 +320,19 @@ def _launch_multi(rows, lr_t, extra, scalars, flags) -> None:
     The tables depend on the tensors' addresses and sizes, which form the cache
     key (LRU, :data:`_TABLE_CACHE_SIZE` entries): with the same tensors no
     host-to-device copy happens after the first step. A miss copies from pinned
-    memory without blocking. (CUDA-graph capture of this path is not supported
-    yet: evicting a table that a captured graph reads would be unsafe.)
+    memory without blocking. Under CUDA-graph capture the tables used are moved to
+    a store that is never evicted (a replay reads them), together with their
+    pinned host copies, which the captured copy reads.
     """
     device = rows[0][0].device
     key = (device,) + tuple(t.data_ptr() for r in rows for t in r) + tuple(r[0].numel() for r in rows)
-    tables = _TABLE_CACHE.get(key)
+    capturing = torch.cuda.is_current_stream_capturing()
+    tables = _CAPTURED_TABLES.get(key) or _TABLE_CACHE.get(key)
     if tables is not None:
-        _TABLE_CACHE.move_to_end(key)
+        if key in _TABLE_CACHE:
+            _TABLE_CACHE.move_to_end(key)
+            if capturing:
+                _CAPTURED_TABLES[key] = _TABLE_CACHE.pop(key)
     else:
         ptrs = torch.tensor([[t.data_ptr() for t in r] for r in rows], dtype=torch.int64)
         numels = torch.tensor([r[0].numel() for r in rows], dtype=torch.int64)
@@ -335,11 +342,15 @@ def _launch_multi(rows, lr_t, extra, scalars, flags) -> None:
                 blk_t.append(k)
                 blk_s.append(s)
         host = (ptrs, numels, torch.tensor(blk_t, dtype=torch.int32), torch.tensor(blk_s, dtype=torch.int64))
-        tables = tuple(x.pin_memory().to(device, non_blocking=True) for x in host)
-        while len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.popitem(last=False)
-        _TABLE_CACHE[key] = tables
-    ptrs, numels, blk_t, blk_s = tables
+        pinned = tuple(x.pin_memory() for x in host)
+        tables = tuple(x.to(device, non_blocking=True) for x in pinned) + (pinned,)
+        if capturing:
+            _CAPTURED_TABLES[key] = tables
+        else:
+            while len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
+                _TABLE_CACHE.popitem(last=False)
+            _TABLE_CACHE[key] = tables
+    ptrs, numels, blk_t, blk_s, _ = tables
     first = rows[0]
     ewc_adam_multi_kernel[(blk_t.numel(),)](
         ptrs, numels, blk_t, blk_s, *first, lr_t, *extra, *scalars, **flags, BLOCK_SIZE=MULTI_BLOCK,
