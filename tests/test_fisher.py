@@ -45,10 +45,11 @@ def test_mlp_matches_reference(mode, backend):
            per_sample_fisher(model, data, _ce, mode=mode))
 
 
-def test_sampled_mode_is_empirical_at_drawn_labels():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sampled_mode_is_empirical_at_drawn_labels(backend):
     model, data = _mlp(), _mlp_batches()
     torch.manual_seed(1)
-    got = estimate_fisher(model, data, _ce, mode="sampled")
+    got = estimate_fisher(model, data, _ce, mode="sampled", backend=backend)
     torch.manual_seed(1)
     with torch.no_grad():
         drawn = [(x, torch.multinomial(torch.softmax(model(x), -1), 1).squeeze(1)) for x, _ in data]
