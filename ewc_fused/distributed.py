@@ -5,8 +5,9 @@ averaged gradient) need nothing: every rank computes the same numbers. A Fisher
 estimated from each rank's *own* samples is a local mean and must be combined
 exactly, ``F = Σ_r n_r F_r / Σ_r n_r``: :func:`all_reduce_fisher` does that, and
 :func:`ewc_fused.estimate_fisher` does it itself for a DDP-wrapped model (or with
-``process_group=``). :func:`all_reduce_sum_` sums per-rank sums (e.g. a per-sample
-Σ_n g_n² buffer) across ranks.
+``process_group=``). ``track_fisher`` sums its per-sample Σ_n (∇ℓ_n)² and N over the
+ranks at every step (:func:`all_reduce_tracked_`); :func:`all_reduce_sum_` sums any
+other per-rank sums.
 
 **FSDP2** (``fully_shard``; parameters are DTensors). The step runs on each rank's
 local shards (:func:`local`), and the EWC state (F, c, the running Fisher) is a
@@ -24,6 +25,7 @@ the parameter, never a silent fallback.
 """
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -213,23 +215,24 @@ def check_sharded(items: Sequence[tuple[Tensor, ShardedFisher]], check: Callable
         except (TypeError, ValueError) as e:
             errors[i] = str(e)
     for mesh, idx in _by_mesh([p for p, _ in items]).items():
-        bad = max((i + 1 for i in idx if i in errors), default=0)  # first bad index on this rank, 1-based
-        vec = [float(-bad if bad else 0)]  # max over ranks of −index = the smallest bad index
+        first_bad = next((i for i in idx if i in errors), None)
+        # max over ranks of −(index + 1): the first refused parameter on any rank (−inf: none)
+        vec = [-(first_bad + 1.0) if first_bad is not None else -math.inf]
         for i in idx:
             d = items[i][1].digest
-            if d is not None:
+            if d is not None:  # max of d and of −d: equal on every rank iff max == min
                 vec += [float(d[0]), float(d[1]), -float(d[0]), -float(d[1])]
-        t = torch.tensor([float(bad > 0)] + vec, dtype=torch.float64, device=_comm_device(mesh))
+        t = torch.tensor(vec, dtype=torch.float64, device=_comm_device(mesh))
         for dim in range(mesh.ndim):
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
         t = t.cpu().tolist()
-        if t[0] > 0:
-            mine = [errors[i] for i in idx if i in errors]
-            if mine:
-                raise ValueError(mine[0])
-            raise ValueError("consolidate: a Fisher was refused on another rank (non-finite, negative or "
-                             "wrongly typed values in its shard; see that rank's error); nothing changed")
-        j = 2
+        if t[0] != -math.inf:
+            if first_bad is not None:
+                raise ValueError(errors[first_bad])
+            raise ValueError(f"Fisher for parameter {items[int(-t[0]) - 1][1].label} was refused on another rank "
+                             "(its shard there has negative or non-finite values; see that rank's error); "
+                             "nothing changed")
+        j = 1
         for i in idx:
             if items[i][1].digest is not None:
                 hi, lo = t[j:j + 2], [-v for v in t[j + 2:j + 4]]
@@ -480,3 +483,40 @@ def all_reduce_counts(counts: Sequence[int], group: Any = None) -> tuple[int, ..
     t = torch.tensor([int(c) for c in counts], dtype=torch.int64, device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return tuple(int(v) for v in t.tolist())
+
+
+def all_reduce_tracked_(bufs: Sequence[Tensor], samples: int, group: Any) -> int:
+    """For the per-sample Fisher tracker under DDP/FSDP2: in place ``S ← Σ_ranks S`` for its
+    buffers of Σ_n (∇ℓ_n)², and the total sample count (one all-reduce per 4M elements).
+
+    Every rank calls it at every step (with 0 samples if it saw none); the buffers are
+    plain full-shape tensors laid out alike on every rank (the tracker builds them so).
+    """
+    import torch.distributed as dist
+
+    bufs = list(bufs)
+    dev = bufs[0].device if bufs else torch.device("cpu")
+    count = torch.tensor([float(samples)], dtype=torch.float64, device=dev)
+    ranges, i = [], 0
+    while i < len(bufs):
+        j, n = i, 0
+        while j < len(bufs) and (j == i or n + bufs[j].numel() <= _REDUCE_NUMEL):
+            n += bufs[j].numel()
+            j += 1
+        ranges.append((i, j))
+        i = j
+    for ci, (i, j) in enumerate(ranges or [(0, 0)]):
+        parts = [b.reshape(-1).to(torch.float64) for b in bufs[i:j]] + ([count] if ci == 0 else [])
+        flat = torch.cat(parts)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        for b, piece in zip(bufs[i:j], flat.split([b.numel() for b in bufs[i:j]] + ([1] if ci == 0 else []))):
+            b.copy_(piece.view(b.shape))
+        if ci == 0:
+            count = flat[-1:]
+    return int(round(float(count.item())))
+
+
+def tracked_fisher_group(model: torch.nn.Module, process_group: Any) -> Any:
+    """The group over which :meth:`FusedEWCAdam.track_fisher` sums its per-sample buffers:
+    ``process_group``, else DDP's group or the 1-D mesh of FSDP2 parameters, else None."""
+    return fisher_group(model, process_group)[1]

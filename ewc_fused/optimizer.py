@@ -356,6 +356,7 @@ class FusedEWCAdam(torch.optim.Adam):
         loss_reduction: str = "mean",
         *,
         backend: Optional[str] = None,
+        process_group: Any = None,
     ) -> FisherTracker:
         """Accumulate the running Fisher from per-sample gradients during training.
 
@@ -375,6 +376,11 @@ class FusedEWCAdam(torch.optim.Adam):
                 of its batch (sample dimension first): ``"mean"`` (mean_n ℓ_n, as
                 ``nn.CrossEntropyLoss()`` over a batch) or ``"sum"``.
             backend: for the Linear kernels; defaults to the optimizer's.
+            process_group: data-parallel group whose ranks see different samples: each
+                step sums Σ_n (∇ℓ_n)² and N over its ranks (one all-reduce; every rank
+                steps). ``None``: DDP's group when ``model`` is DistributedDataParallel,
+                the mesh of FSDP2 (DTensor) parameters on one 1-D mesh, else none (so
+                pass it when tracking ``ddp_model.module``).
 
         Returns:
             A :class:`~ewc_fused.tracker.FisherTracker`; ``remove()`` (or leaving a
@@ -402,8 +408,9 @@ class FusedEWCAdam(torch.optim.Adam):
             raise ValueError(
                 "track_fisher: none of the model's parameters is in a param group with fisher_ema set; "
                 "pass fisher_ema=β (e.g. 0.99) to the optimizer or to the group")
+        group = _dist.tracked_fisher_group(model, process_group) if per_sample else None
         self._tracker = FisherTracker(self, model, tracked, per_sample=per_sample,
-                                      loss_reduction=loss_reduction, backend=backend)
+                                      loss_reduction=loss_reduction, backend=backend, process_group=group)
         return self._tracker
 
     # ------------------------------------------------------------------ EWC API

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from . import distributed as _dist
 from .fisher import _ESTIMATING, _RULES, _Hooked, _batch_size, _collect
 
 __all__ = ["FisherTracker"]
@@ -65,8 +66,9 @@ class FisherTracker:
     """
 
     def __init__(self, optimizer: Any, model: nn.Module, params: dict[Tensor, str], *,
-                 per_sample: bool, loss_reduction: str, backend: str) -> None:
+                 per_sample: bool, loss_reduction: str, backend: str, process_group: Any = None) -> None:
         self.optimizer = optimizer
+        self.process_group = process_group  # DDP/FSDP2: the per-sample sums are summed over its ranks
         self.model = model
         self.per_sample = per_sample
         self.loss_reduction = loss_reduction
@@ -181,9 +183,15 @@ class FisherTracker:
             if group.started:
                 self._finish(group)
         self._pending.clear()
+        if self.per_sample and self.process_group is not None:  # every rank, every step: Σ over ranks
+            self.samples = _dist.all_reduce_tracked_(list(self._by_param.values()), self.samples, self.process_group)
         if not self.per_sample or self.samples == 0:
             return {}, 1.0
-        return dict(self._by_param), 1.0 / self.samples
+        sq = dict(self._by_param)
+        if self.process_group is not None:  # FSDP2: each rank keeps its shard of the (now global) sums
+            sq = {p: _dist.shard_like(s, p, f"the tracked Fisher of {self._params[p]!r}") if _dist.is_dtensor(p) else s
+                  for p, s in sq.items()}
+        return sq, 1.0 / self.samples
 
     def _reset(self) -> None:
         """After the step: empty the buffers and the sample count."""
