@@ -38,6 +38,17 @@ STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "ewc_fisher", "
 FISHER_SPLIT = {0: [(0, 3), (3, 5)], 1: [(5, 7), (7, 8)]}
 
 
+class Scale(nn.Module):
+    """A module estimate_fisher has no rule for (its generic torch.func path)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
 class Net(nn.Module):
     """Linear, LayerNorm and a 1-output gate: shapes split unevenly over 2 ranks (7 = 4 + 3, 1 = 1 + 0)."""
 
@@ -297,6 +308,11 @@ def _fsdp_part(rank: int, tmp: str) -> None:
     qopt = FusedEWCAdam([q])
     q.grad = distribute_tensor(torch.ones(4, dtype=torch.float64), mesh, [Replicate()])
     errs["grad_placement"] = _expect_error(qopt.step)
+    # a sharded module with no per-sample rule: refused before any forward
+    gen = nn.Sequential(nn.Linear(5, 7), Scale(7), nn.Linear(7, 3)).double()
+    fully_shard(gen)
+    errs["generic"] = _expect_error(lambda: estimate_fisher(
+        gen, _fisher_batches(rank), nn.CrossEntropyLoss(reduction="none"), progress=False))
     out["errors"] = errs
 
     # the Triton kernel (interpreted on CPU) steps the local shards too
@@ -514,6 +530,7 @@ def test_fsdp2_bad_input_raises_on_every_rank(fsdp_runs):
         assert "Partial" in e["partial_consolidate"]
         assert "gradient" in e["grad_placement"] and "Replicate" in e["grad_placement"]
         assert run["replicate_ok"]
+        assert "module '1' (Scale)" in e["generic"] and "no built-in per-sample rule" in e["generic"]
 
 
 def test_fsdp2_triton_backend_steps_local_shards(fsdp_runs):
