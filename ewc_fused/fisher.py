@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
@@ -60,8 +61,13 @@ GRANULARITIES = ("sample", "token")
 _CHUNK_ELEMS = 1 << 24
 
 _RMSNorm = getattr(nn, "RMSNorm", None)
-# > 0 while estimate_fisher runs: training-time trackers (ewc_fused.tracker) ignore its passes.
-_ESTIMATING = [0]
+# Depth of estimate_fisher calls on this thread: training-time trackers (ewc_fused.tracker)
+# ignore the forwards made meanwhile on the same thread.
+_LOCAL = threading.local()
+
+
+def _estimating() -> bool:
+    return getattr(_LOCAL, "depth", 0) > 0
 
 
 # --------------------------------------------------------------------------- helpers
@@ -434,7 +440,7 @@ def estimate_fisher(
     count = n_batches = units = 0  # units: samples, or tokens with granularity="token"
     opts = _Opts(mode, n_samples, granularity, ignore_index, backend)
     finite: list[tuple[int, Tensor]] = []
-    _ESTIMATING[0] += 1
+    _LOCAL.depth = getattr(_LOCAL, "depth", 0) + 1
     try:
         for bi, batch in enumerate(it):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
@@ -469,7 +475,7 @@ def estimate_fisher(
             _dist.agree_ok(group, False)  # so that the other ranks raise instead of waiting
         raise
     finally:
-        _ESTIMATING[0] -= 1
+        _LOCAL.depth -= 1
         if it is not data and hasattr(it, "close"):
             it.close()
         state["active"] = False

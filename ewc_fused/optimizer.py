@@ -234,6 +234,18 @@ class FusedEWCAdam(torch.optim.Adam):
         tracker = self._tracker
         if tracker is not None:
             tracker._check_ready()
+        try:
+            self._fused_step(backends, tracker)
+        except BaseException:
+            # nothing of this step's per-sample sums may leak into the next one
+            self._sq_grads = {}
+            if tracker is not None:
+                tracker._reset()
+            raise
+        return loss
+
+    def _fused_step(self, backends: dict[torch.device, str], tracker: Optional[FisherTracker]) -> None:
+        """step() after validation: the buckets' fused updates."""
         grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step around this call
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None and self.nonfinite != "propagate":
@@ -241,6 +253,8 @@ class FusedEWCAdam(torch.optim.Adam):
                 raise RuntimeError("nonfinite='raise' reads a flag on the host, which a CUDA graph cannot capture; "
                                    "use nonfinite='skip' (no host sync) for captured steps")
             found_inf = self._find_nonfinite()  # raises for nonfinite="raise", before any change
+        if found_inf is not None:  # a 0/1 flag (GradScaler sums its per-device flags)
+            found_inf = (found_inf > 0).to(torch.float32)
         per_device: dict[torch.device, tuple] = {}
 
         def scaling(dev: torch.device) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -254,7 +268,15 @@ class FusedEWCAdam(torch.optim.Adam):
         sq, sq_scale = self._sq_grads, 1.0
         self._sq_grads = {}
         if tracker is not None:
-            tracked, sq_scale = tracker._take()
+            unscaled_by = None
+            if tracker.per_sample and hasattr(self, "found_inf") and grad_scale is None:
+                # GradScaler after unscale_: the gradients are unscaled, the tracked sums are not
+                if tracker.scaler is None or getattr(tracker.scaler, "_scale", None) is None:
+                    raise RuntimeError(
+                        "track_fisher: GradScaler.unscale_ was called before step(), so the tracked per-sample "
+                        "sums must be unscaled too: pass the scaler, opt.track_fisher(model, scaler=scaler)")
+                unscaled_by = tracker.scaler._scale
+            tracked, sq_scale = tracker._take(unscaled_by=unscaled_by)
             sq = {**sq, **tracked} if tracked else sq
 
         for group in self.param_groups:
@@ -308,8 +330,9 @@ class FusedEWCAdam(torch.optim.Adam):
         if tracker is not None:
             tracker._reset()
         if found_inf is not None and not hasattr(self, "found_inf"):  # our own check (no host sync)
-            self._skipped = found_inf.clone() if self._skipped is None else self._skipped + found_inf
-        return loss
+            if self._skipped is None:
+                self._skipped = torch.zeros_like(found_inf)
+            self._skipped.add_(found_inf)
 
     @property
     def skipped_steps(self) -> int:
@@ -357,6 +380,8 @@ class FusedEWCAdam(torch.optim.Adam):
         *,
         backend: Optional[str] = None,
         process_group: Any = None,
+        accumulation_steps: int = 1,
+        scaler: Any = None,
     ) -> FisherTracker:
         """Accumulate the running Fisher from per-sample gradients during training.
 
@@ -376,6 +401,10 @@ class FusedEWCAdam(torch.optim.Adam):
                 of its batch (sample dimension first): ``"mean"`` (mean_n ℓ_n, as
                 ``nn.CrossEntropyLoss()`` over a batch) or ``"sum"``.
             backend: for the Linear kernels; defaults to the optimizer's.
+            accumulation_steps: K when every micro-batch's loss is divided by K for
+                gradient accumulation (the per-sample gradients are scaled back by K).
+            scaler: the ``torch.amp.GradScaler``, needed only if ``scaler.unscale_(opt)``
+                is called before ``scaler.step(opt)`` (e.g. to clip gradients).
             process_group: data-parallel group whose ranks see different samples: each
                 step sums Σ_n (∇ℓ_n)² and N over its ranks (one all-reduce; every rank
                 steps). ``None``: DDP's group when ``model`` is DistributedDataParallel,
@@ -396,6 +425,10 @@ class FusedEWCAdam(torch.optim.Adam):
         backend = self.backend if backend is None else backend
         if backend not in BACKENDS:
             raise ValueError(f"track_fisher: Invalid backend: {backend!r}; expected one of {BACKENDS}")
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"track_fisher: accumulation_steps must be a positive int, got {accumulation_steps!r}")
+        if scaler is not None and not hasattr(scaler, "_scale"):
+            raise TypeError(f"track_fisher: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if self._tracker is not None:
             raise RuntimeError("track_fisher: this optimizer already has a tracker; remove() it first")
         owned = self._owned()
@@ -410,7 +443,8 @@ class FusedEWCAdam(torch.optim.Adam):
                 "pass fisher_ema=β (e.g. 0.99) to the optimizer or to the group")
         group = _dist.tracked_fisher_group(model, process_group) if per_sample else None
         self._tracker = FisherTracker(self, model, tracked, per_sample=per_sample,
-                                      loss_reduction=loss_reduction, backend=backend, process_group=group)
+                                      loss_reduction=loss_reduction, backend=backend, process_group=group,
+                                      accumulation_steps=accumulation_steps, scaler=scaler)
         return self._tracker
 
     # ------------------------------------------------------------------ EWC API

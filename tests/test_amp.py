@@ -175,3 +175,53 @@ def test_kernel_grad_scale_and_found_inf(sq):
     assert all(torch.equal(a, b) for a, b in zip(plain, scaled))
     skipped = run(g * scale, s, grad_scale=scale, found_inf=torch.ones(1))
     assert all(torch.equal(a, b) for a, b in zip(skipped, (*base, frun)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_with_every_gradient_non_finite_counts_one_step(backend):
+    """found_inf is a flag, not a count of bad tensors: step counts never go backwards."""
+    model = _model()
+    opt = _opt(model, backend, nonfinite="skip")
+    x, y = _batches()[0]
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for p in model.parameters():
+        p.grad.fill_(float("nan"))
+    opt.step()
+    assert opt.skipped_steps == 1
+    for p in model.parameters():
+        assert float(opt.state[p]["step"]) == 1.0 and float(opt.state[p]["fisher_ema_step"]) == 1.0
+    assert all(bool(torch.isfinite(f).all()) for f in opt.running_fisher().values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unscale_then_step_with_tracker_needs_and_uses_the_scaler(backend):
+    m1 = _model()
+    m2 = copy.deepcopy(m1)
+    o1, o2 = _opt(m1, backend), _opt(m2, backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    t1 = o1.track_fisher(m1, scaler=scaler)
+    t2 = o2.track_fisher(m2)
+    for x, y in _batches(3, bad=-1):
+        o1.zero_grad()
+        scaler.scale(F.cross_entropy(m1(x), y)).backward()
+        scaler.unscale_(o1)
+        scaler.step(o1)
+        scaler.update()
+        o2.zero_grad()
+        F.cross_entropy(m2(x), y).backward()
+        o2.step()
+    t1.remove()
+    t2.remove()
+    for (k, a), b in zip(o1.running_fisher().items(), o2.running_fisher().values()):
+        assert torch.equal(a, b), k
+
+    m3 = _model()
+    o3 = _opt(m3, backend)
+    o3.track_fisher(m3)  # no scaler
+    x, y = _batches()[0]
+    scaler.scale(F.cross_entropy(m3(x), y)).backward()
+    scaler.unscale_(o3)
+    with pytest.raises(RuntimeError, match="pass the scaler"):
+        scaler.step(o3)
+    assert float(o3.state[m3[0].weight].get("step", torch.tensor(0.0))) == 0.0

@@ -198,7 +198,7 @@ def test_eval_forward_and_forward_without_backward_do_not_count():
     assert tracker.samples == x.shape[0]
     opt.step()
     _close(opt.running_fisher(), {k: v.double() for k, v in want.items()})
-    assert tracker.samples == 0 and not tracker._pending
+    assert tracker.samples == 0 and not tracker._calls
 
 
 def test_frozen_and_foreign_parameters_are_not_tracked():
@@ -262,3 +262,134 @@ def test_step_without_a_tracked_backward_is_refused_and_changes_nothing():
             assert torch.equal(t, after["state"][k][name]), name
     tracker.remove()
     del out
+
+
+# --------------------------------------------------------------------------- how batches are counted
+def _fisher_after_one_step(model, opt):
+    """The running Fisher after exactly one step, un-bias-corrected back to s."""
+    return opt.running_fisher()
+
+
+def test_gradient_accumulation_with_divided_loss():
+    """loss / K per micro-batch (the usual accumulation) with accumulation_steps=K."""
+    model = _mlp()
+    (x1, y1), (x2, y2) = _mlp_batches((6, 6))[:2]
+    want = estimate_fisher(model, [(x1, y1), (x2, y2)], _ce)
+    opt = FusedEWCAdam(model.named_parameters(), lr=1e-2, fisher_ema=0.5)
+    with opt.track_fisher(model, accumulation_steps=2):
+        for x, y in ((x1, y1), (x2, y2)):
+            (F.cross_entropy(model(x), y) / 2).backward()
+        opt.step()
+    _close(opt.running_fisher(), {k: v.double() for k, v in want.items()})
+
+
+class _Parts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(7, 9), nn.Tanh())
+        self.head = nn.Linear(9, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(x))
+
+
+def test_submodules_called_directly_with_accumulation():
+    """The training loop calls model.enc and model.head, never model: each backward is a batch."""
+    torch.manual_seed(6)
+    model = _Parts().double()
+    (x1, y1), (x2, y2) = _mlp_batches((6, 4))[:2]
+    want = estimate_fisher(model, [(x1, y1), (x2, y2)], _ce)
+    opt = FusedEWCAdam(model.named_parameters(), lr=1e-2, fisher_ema=0.5)
+    tracker = opt.track_fisher(model)
+    for x, y in ((x1, y1), (x2, y2)):
+        F.cross_entropy(model.head(model.enc(x)), y).backward()
+    assert tracker.samples == 10
+    opt.step()
+    tracker.remove()
+    _close(opt.running_fisher(), {k: v.double() for k, v in want.items()})
+
+
+def test_model_applied_twice_to_one_batch():
+    """R-Drop-like: ℓ_n = CE(f(x_n)) + CE(f(x_n)); the two calls' gradients add before squaring."""
+    model = _mlp()
+    x, y = _mlp_batches()[0]
+    single = estimate_fisher(model, [(x, y)], _ce)
+    opt = FusedEWCAdam(model.named_parameters(), lr=1e-2, fisher_ema=0.5)
+    with opt.track_fisher(model) as tracker:
+        (F.cross_entropy(model(x), y) + F.cross_entropy(model(x), y)).backward()
+        assert tracker.samples == x.shape[0]
+        opt.step()
+    _close(opt.running_fisher(), {k: 4 * v.double() for k, v in single.items()})
+
+
+def test_paused_backward_is_not_counted():
+    """An autograd.grad probe (e.g. an input-gradient penalty) inside tracker.paused()."""
+    model = _mlp()
+    x, y = _mlp_batches()[0]
+    want = estimate_fisher(model, [(x, y)], _ce)
+    opt = FusedEWCAdam(model.named_parameters(), lr=1e-2, fisher_ema=0.5)
+    with opt.track_fisher(model) as tracker:
+        with tracker.paused():
+            xi = x.clone().requires_grad_(True)
+            torch.autograd.grad(model(xi).sum(), xi)
+        assert tracker.samples == 0 and not tracker._calls
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    _close(opt.running_fisher(), {k: v.double() for k, v in want.items()})
+
+
+def test_module_without_the_sample_dimension_first_is_refused():
+    """The head applied to flattened (N·T, D) rows: per-sample gradients would be per-token."""
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.head(h.reshape(-1, 4)).reshape(x.shape[0], x.shape[1], 3).sum(1)
+
+    model = Flat().double()
+    opt = FusedEWCAdam(model.parameters(), lr=1e-2, fisher_ema=0.5)
+    opt.track_fisher(model)
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="sample dimension first"):
+        F.cross_entropy(model(x), torch.randint(0, 3, (5,))).backward()
+
+
+def test_saved_inputs_are_released_after_each_backward():
+    model = _mlp()
+    opt = FusedEWCAdam(model.parameters(), lr=1e-2, fisher_ema=0.5)
+    tracker = opt.track_fisher(model)
+    x, y = _mlp_batches()[0]
+    loss = F.cross_entropy(model(x), y)
+    calls = list(tracker._calls)
+    assert calls and all(c.args is not None for c in calls)
+    loss.backward()
+    assert not tracker._calls and all(c.args is None and c.done for c in calls)
+    model(x)  # a forward whose graph is dropped: released at the step
+    assert tracker._calls
+    opt.step()
+    assert not tracker._calls
+    tracker.remove()
+
+
+def test_refused_step_discards_its_sums():
+    """nonfinite='raise' refuses a step: its per-sample sums must not reach the next step."""
+    model = _mlp()
+    opt = FusedEWCAdam(model.named_parameters(), lr=1e-2, fisher_ema=0.5, nonfinite="raise")
+    tracker = opt.track_fisher(model)
+    (x, y), (x2, y2) = _mlp_batches()[:2]
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    F.cross_entropy(model(bad), y).backward()
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    assert tracker.samples == 0
+    opt.zero_grad()
+    want = estimate_fisher(model, [(x2, y2)], _ce)
+    F.cross_entropy(model(x2), y2).backward()
+    opt.step()
+    tracker.remove()
+    _close(opt.running_fisher(), {k: v.double() for k, v in want.items()})
