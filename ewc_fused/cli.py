@@ -1,4 +1,5 @@
-"""Command line: ``ewc-fused example`` (also ``python -m ewc_fused example``).
+"""Command line: ``ewc-fused example`` and ``ewc-fused demo`` (also ``python -m ewc_fused ...``; the demo is
+:mod:`ewc_fused.demo`).
 
 The example trains a small MLP on task A, then on task B (the same classes seen
 through a fixed permutation of the input features), once with plain Adam and
@@ -90,7 +91,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ex.add_argument("--lambda", dest="ewc_lambda", type=float, default=500.0, help="EWC λ (default 500)")
     ex.add_argument("--epochs", type=int, default=5, help="epochs per task (default 5)")
     ex.add_argument("--seed", type=int, default=0)
+    from . import demo as _demo  # light: the demo imports scikit-learn/matplotlib only when it runs
+    _demo.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return _demo.run(args)
     if args.command == "example":
         if args.ewc_lambda < 0 or args.epochs < 1:
             parser.error("--lambda must be >= 0 and --epochs >= 1")
