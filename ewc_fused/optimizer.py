@@ -39,9 +39,10 @@ class FusedEWCAdam(torch.optim.Adam):
 
     .. code-block:: text
 
+        F_run ← β·F_run + (1−β)·g²         if fisher_ema = β: the task gradient's g² (or the tracked
+                                           per-sample Σ_n g_n² / N), bias-corrected on read
         g     ← −g                         if maximize (the penalty still pulls toward θ*)
         g     ← g + λ·F·(θ − c)            F = Σ_t F_t, c = Σ_t F_t θ*_t / F   (exact, O(1) memory)
-        F_run ← β·F_run + (1−β)·g²         if fisher_ema = β (running Fisher, bias-corrected on read)
         g ← g + wd·θ  (Adam)   or   θ ← θ·(1 − lr·wd)  (decoupled, AdamW)
         m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;  v̂ ← max(v̂, v) if amsgrad
         θ ← θ − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)

@@ -3,9 +3,11 @@
 Per element, with g the task gradient, F the consolidated Fisher, c the anchor,
 F_run the running Fisher and s the squared-gradient source (g² or a buffer)::
 
+    g, s   ← g / scale, s / scale²   GradScaler's loss scale (HAS_SCALE); no update at all if
+                                     its found_inf flag is set (HAS_FOUND_INF)
+    F_run  ← β_F·F_run + (1−β_F)·s   running Fisher (HAS_EMA), from the task gradient
     g      ← −g                      if maximize
     g      ← g + λ·F·(θ − c)         EWC penalty gradient (HAS_EWC)
-    F_run  ← β_F·F_run + (1−β_F)·s   running Fisher (HAS_EMA)
     θ      ← θ·(1 − lr·wd)           decoupled weight decay, or  g ← g + wd·θ (coupled)
     m      ← β₁·m + (1−β₁)·g
     v      ← β₂·v + (1−β₂)·g²
