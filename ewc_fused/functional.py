@@ -34,6 +34,10 @@ __all__ = ["ewc_adam", "resolve_backend", "triton_available", "interpreter_enabl
 BACKENDS = ("auto", "triton", "torch")
 # Elements per foreach group in the torch backend: bounds its temporaries.
 GROUP_NUMEL = 1 << 20
+# torch backend: tensors of at least LARGE_NUMEL elements get their penalty in a scratch of
+# CHUNK_NUMEL elements (4 MiB of fp32: it stays in cache between the penalty and Adam).
+LARGE_NUMEL = 1 << 16
+CHUNK_NUMEL = 1 << 20
 
 
 @lru_cache(maxsize=None)
@@ -216,6 +220,64 @@ def _match_layout(params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
     return out
 
 
+def _dense_layout_shared(row: tuple[Tensor, ...]) -> bool:
+    """Every tensor of the row dense and laid out like θ, so flat views correspond."""
+    p = row[0]
+    if p.is_contiguous():
+        return all(t.is_contiguous() for t in row)
+    return _dense_non_overlapping(p) and all(t.stride() == p.stride() for t in row)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """The elements of a dense tensor in memory order, as a 1-D view."""
+    return t.view(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def _penalty_adam_chunked(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                          fishers, anchors, lam, work, amsgrad, kw) -> None:
+    """torch backend, large dense tensors: g + λF(θ − c) is formed chunk by chunk (at most
+    CHUNK_NUMEL elements) in one reused scratch buffer, and torch's Adam steps the matching
+    flat views of θ, m, v, so the penalty never allocates a full-size temporary and is still
+    in cache when Adam reads it. The same operations as the foreach path: bit-identical.
+    Chunks after a tensor's first get copies of its step count taken before any update."""
+    from torch.optim.adam import adam
+
+    p_dtype = params[0].dtype
+    items = []  # (θ, g, m, v, v̂max, F, c, step) chunk views
+    for i, p in enumerate(params):
+        n = p.numel()
+        flats = [_flat(t) for t in (p, grads[i], exp_avgs[i], exp_avg_sqs[i],
+                                    max_exp_avg_sqs[i] if amsgrad else p, fishers[i], anchors[i])]
+        for k, s in enumerate(range(0, n, CHUNK_NUMEL)):
+            step = state_steps[i] if k == 0 else state_steps[i].clone()
+            items.append(tuple(f[s:s + CHUNK_NUMEL] for f in flats) + (step,))
+    scratch = torch.empty(min(CHUNK_NUMEL, sum(it[0].numel() for it in items)), dtype=work, device=params[0].device)
+    cast = None if work == p_dtype else torch.empty(scratch.numel(), dtype=p_dtype, device=scratch.device)
+
+    def flush(group) -> None:
+        pens, off = [], 0
+        for th, g, _, _, _, f, c, _ in group:
+            b = scratch[off:off + th.numel()]
+            torch.sub(th, c, out=b)
+            torch.addcmul(g, f, b, value=lam, out=b)
+            if cast is not None:
+                b = cast[off:off + th.numel()].copy_(b)
+            pens.append(b)
+            off += th.numel()
+        adam([it[0] for it in group], pens, [it[2] for it in group], [it[3] for it in group],
+             [it[4] for it in group] if amsgrad else [], [it[7] for it in group], **kw)
+
+    group, used = [], 0
+    for it in items:
+        if group and used + it[0].numel() > scratch.numel():
+            flush(group)
+            group, used = [], 0
+        group.append(it)
+        used += it[0].numel()
+    if group:
+        flush(group)
+
+
 def _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
                     fishers, anchors, fisher_runs, sq_sources, h: Hyper) -> None:
     from torch.optim.adam import adam
@@ -252,11 +314,32 @@ def _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
         adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if h.amsgrad else [], state_steps, **kw)
         return
 
-    # g + λF(θ − c) (under maximize g − λF(θ − c): adam negates it), in bounded groups,
-    # computed in the promoted dtype of θ and the EWC state (fp32 for bf16 θ).
+    # g + λF(θ − c) (under maximize g − λF(θ − c): adam negates it), computed in the
+    # promoted dtype of θ and the EWC state (fp32 for bf16 θ). Large dense tensors: chunk by
+    # chunk in a reused cache-sized scratch; the rest: foreach over bounded groups.
     lam = -h.ewc_lambda if h.maximize else h.ewc_lambda
     p_dtype = params[0].dtype
     work = torch.promote_types(p_dtype, fishers[0].dtype)
+    rows = _rows(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if h.amsgrad else [], fishers, anchors)
+    large = [i for i, r in enumerate(rows) if r[0].numel() >= LARGE_NUMEL and _dense_layout_shared(r)]
+    if large:
+        def pick(ts):
+            return [ts[i] for i in large]
+
+        _penalty_adam_chunked(
+            pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs),
+            pick(max_exp_avg_sqs) if h.amsgrad else [], pick(state_steps), pick(fishers), pick(anchors),
+            lam, work, h.amsgrad, kw)
+        if len(large) == len(params):
+            return
+        rest = sorted(set(range(len(params))) - set(large))
+
+        def keep(ts):
+            return [ts[i] for i in rest]
+
+        params, grads, exp_avgs, exp_avg_sqs = keep(params), keep(grads), keep(exp_avgs), keep(exp_avg_sqs)
+        max_exp_avg_sqs = keep(max_exp_avg_sqs) if h.amsgrad else max_exp_avg_sqs
+        state_steps, fishers, anchors = keep(state_steps), keep(fishers), keep(anchors)
 
     def as_work(ts):
         return list(ts) if ts[0].dtype == work else [t.to(work) for t in ts]
