@@ -155,7 +155,10 @@ def _rows(*lists):
 
 
 def _kernel_compatible(row: tuple[Tensor, ...]) -> bool:
-    """The kernel walks flat memory: every tensor must be dense with θ's strides."""
+    """The kernel walks flat memory: every tensor must be dense with θ's strides, and it
+    stores fp32/fp16/bf16 (float64 rows take the torch path, which keeps float64 math)."""
+    if any(t.dtype not in (torch.float32, torch.float16, torch.bfloat16) for t in row):
+        return False
     p = row[0]
     if p.is_contiguous():
         return all(t.is_contiguous() for t in row)
@@ -291,6 +294,13 @@ def _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
             torch._foreach_addcmul_(fisher_runs, grads, grads, value=1.0 - b)
 
     use_fused = h.fused
+    # torch's fused Adam walks θ, g, m, v as flat memory: all must be dense and share θ's layout
+    # (torch 2.13 silently mixes elements otherwise, with fused=True too).
+    flat_ok = (
+        all(_dense_non_overlapping(p) for p in params)
+        and all(t.stride() == p.stride() for ts in (exp_avgs, exp_avg_sqs, max_exp_avg_sqs if h.amsgrad else [])
+                for p, t in zip(params, ts))
+    )
     if use_fused is None and h.foreach is None:
         # Fused where torch has the kernel for this device and dtype, as optim.Adam(fused=True).
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
@@ -298,11 +308,10 @@ def _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
         use_fused = (
             params[0].device.type in _get_fused_kernels_supported_devices()
             and params[0].dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-            and all(_dense_non_overlapping(p) for p in params)
-            # torch's fused CPU Adam walks θ, g, m, v as flat memory: all must share θ's layout.
-            and all(t.stride() == p.stride() for ts in (exp_avgs, exp_avg_sqs, max_exp_avg_sqs if h.amsgrad else [])
-                    for p, t in zip(params, ts))
+            and flat_ok
         )
+    elif use_fused and not flat_ok:
+        use_fused = False  # fused=True on such layouts: torch's foreach Adam, the same update
     kw = dict(
         foreach=h.foreach, fused=use_fused, capturable=h.capturable,
         decoupled_weight_decay=h.decoupled_weight_decay, amsgrad=h.amsgrad,

@@ -555,7 +555,8 @@ class FusedEWCAdam(torch.optim.Adam):
             if k == 0:
                 continue
             corr = 1.0 - beta ** k
-            out[self._key(p, name)] = state["fisher_ema"].float() / corr
+            f_run = state["fisher_ema"]  # fp32 at least; float64 when ewc_dtype is float64
+            out[self._key(p, name)] = f_run.to(torch.promote_types(f_run.dtype, torch.float32)) / corr
         return out
 
     @torch.no_grad()
@@ -612,11 +613,18 @@ class FusedEWCAdam(torch.optim.Adam):
         if len(groups) != len(saved_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
         id_map: dict[Any, Tensor] = {}
-        for g, sg in zip(groups, saved_groups):
+        for gi, (g, sg) in enumerate(zip(groups, saved_groups)):
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(
                     "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
                 )
+            names, saved_names = g.get("param_names"), sg.get("param_names")
+            if names is not None and saved_names is not None and list(names) != list(saved_names):
+                j = next(j for j, (a, b) in enumerate(zip(saved_names, names)) if a != b)
+                raise ValueError(
+                    f"loaded state dict names parameter {j} of param group {gi} {saved_names[j]!r}, but this "
+                    f"optimizer's is {names[j]!r} (state of another model?); optimizer left unchanged. To load it by "
+                    "position anyway, delete 'param_names' from the saved param groups")
             id_map.update(zip(sg["params"], g["params"]))
         ewc_parts: dict[Tensor, dict[str, Tensor]] = {}
         rest_state: dict[Any, dict[str, Any]] = {}
@@ -638,6 +646,12 @@ class FusedEWCAdam(torch.optim.Adam):
                         f"loaded state dict has {present} without {sorted(set(together) - set(present))} "
                         f"for a parameter of shape {tuple(p.shape)}; optimizer left unchanged"
                     )
+            f = part.get("ewc_fisher")
+            if isinstance(f, Tensor) and not _dist.is_dtensor(f) and f.numel() and (
+                    not bool(torch.isfinite(f).all()) or bool((f < 0).any())):
+                raise ValueError(
+                    f"loaded state dict has a Fisher (ewc_fisher) with NaN, inf or negative values for a parameter "
+                    f"of shape {tuple(p.shape)} (a corrupt checkpoint?); optimizer left unchanged")
             ewc_parts[p] = part
             rest_state[pid] = {k: v for k, v in st.items() if k not in EWC_STATE_KEYS}
             if _dist.is_dtensor(p):  # FSDP2: moments, F, c, F_run placed like the parameter (full tensors sharded)

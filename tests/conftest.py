@@ -17,6 +17,44 @@ def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", default=False, help="run slow tests too")
 
 
+# Hypothesis profiles: "ci" (the default) runs 200 examples per property test, derandomized
+# (the same examples every run: the seed comes from each test's source), no deadline (the
+# Triton interpreter is slow and its first call compiles); "slow" (--slow) runs 2000 with a
+# random seed, given with any failure (print_blob prints the @reproduce_failure line;
+# --hypothesis-seed=N repeats a run). --hypothesis-profile NAME overrides both. The profile
+# in use is printed at the end of the run.
+try:
+    from hypothesis import HealthCheck, settings as _hyp_settings
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    _hyp_settings = None
+else:
+    _hyp_settings.register_profile("ci", max_examples=200, derandomize=True, deadline=None, database=None,
+                                   print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+    _hyp_settings.register_profile("slow", max_examples=2000, deadline=None, print_blob=True,
+                                   suppress_health_check=[HealthCheck.too_slow])
+_hyp_profile = None
+
+
+def pytest_configure(config):
+    global _hyp_profile
+    if _hyp_settings is None:
+        return
+    _hyp_profile = config.getoption("hypothesis_profile", None)
+    if not _hyp_profile:
+        _hyp_profile = "slow" if config.getoption("--slow") else "ci"
+        _hyp_settings.load_profile(_hyp_profile)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _hyp_settings is None:
+        return
+    s = _hyp_settings.default
+    seed = config.getoption("hypothesis_seed", None)
+    seed = seed if seed is not None else ("from each test's source" if s.derandomize else "random per test")
+    terminalreporter.write_line(f"hypothesis profile {_hyp_profile!r}: max_examples={s.max_examples}, "
+                                f"derandomize={s.derandomize}, deadline={s.deadline}, seed {seed}")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_slow = pytest.mark.skip(reason="slow; run with --slow")
