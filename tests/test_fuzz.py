@@ -4,7 +4,8 @@ sequences against the float64 textbook reference (:class:`ReferenceEWCAdam`).
 Hypothesis draws a scenario: a precision profile (fp32/bf16/fp16 parameters with fp32 EWC
 state; float64 parameters and state; or all mixed), 1–4 parameters in 1–2 param groups,
 named or not (shapes with empty and 1-element tensors, sizes around the kernel's
-1024-element block; contiguous, channels-last, transposed, non-dense strided and frozen
+1024-element block and, for the torch backend, of 2¹⁶ elements and more (its chunked
+path); contiguous, channels-last, transposed, non-dense strided and frozen
 parameters; gradients in θ's layout or contiguous), every constructor option (lr as a
 float or a tensor, betas, eps, coupled and decoupled weight decay, amsgrad, maximize,
 foreach/fused, ewc_dtype, nonfinite, per-group λ and fisher_ema), and up to
@@ -47,12 +48,12 @@ while writing this; 2,000 per backend with --slow passed.) Gradients have magnit
 rounding error of zero would turn a one-ulp difference into 2·lr.
 
 Sensitivity: the CI example set (200 per backend, derandomized) fails for each of the
-three bugs it found (see the regression tests at the end) and for each of eleven
+three bugs it found (see the regression tests at the end) and for each of twelve
 deliberate one-line breakages tried while writing it (a missing bias correction, the
 running Fisher taken after the penalty, decoupled weight decay without lr, λ off by 0.1%
-in the kernel or the torch path, the maximize sign, the multi-task anchor weights, K not
-decayed, the running-Fisher count lost on load, reset_ewc keeping it, gradients not
-copied into θ's layout).
+in the kernel, the torch path or its chunked path, the maximize sign, the multi-task
+anchor weights, K not decayed, the running-Fisher count lost on load, reset_ewc keeping
+it, gradients not copied into θ's layout).
 
 Not fuzzed here: ``ewc_dtype`` bf16/fp16 (a lossy anchor; ``test_bf16_ewc_state``),
 GradScaler and non-finite gradients (test_amp.py, test_faults.py), the tracker
@@ -121,7 +122,10 @@ class Scenario:
     ops: list = field(default_factory=list)
 
 
-def _shape(draw, layout):
+def _shape(draw, layout, big):
+    if big and layout in ("contiguous", "transposed") and draw(st.integers(0, 19)) == 0:
+        # the torch backend's chunked path for tensors of 2¹⁶ elements or more
+        return (draw(st.sampled_from([1 << 16, 70_001])),) if layout == "contiguous" else (300, 251)
     if layout == "channels_last":
         return tuple(draw(st.lists(st.integers(0, 4), min_size=4, max_size=4)))
     if layout == "transposed":
@@ -136,11 +140,11 @@ def _shape(draw, layout):
 
 
 @st.composite
-def tensor_spec(draw, dtypes):
+def tensor_spec(draw, dtypes, big=False):
     layout = draw(st.sampled_from(["contiguous", "contiguous", "contiguous", "channels_last", "transposed",
                                    "strided"]))
-    shape = _shape(draw, layout)
-    while len(shape) > 1 and math.prod(shape) > MAX_NUMEL:  # 1-D shapes are at most 2049
+    shape = _shape(draw, layout, big)
+    while len(shape) > 1 and MAX_NUMEL < math.prod(shape) < 1 << 16:  # 1-D: at most 2049, or big
         shape = tuple(max(1, s // 2) if s > 1 else s for s in shape)
     return TensorSpec(shape, draw(st.sampled_from(dtypes)), layout, draw(st.booleans()),
                       frozen=draw(st.sampled_from([False, False, False, False, True])))
@@ -179,7 +183,8 @@ def scenarios(draw, backend):
     n_groups = draw(st.integers(1, 2))
     groups = []
     for gi in range(n_groups):
-        specs = draw(st.lists(tensor_spec(dtypes), min_size=1, max_size=2 if n_groups == 2 else 3))
+        specs = draw(st.lists(tensor_spec(dtypes, big=backend == "torch"), min_size=1,
+                              max_size=2 if n_groups == 2 else 3))
         groups.append((specs, group_options(draw, gi == 0)))
     sc = Scenario(seed=draw(st.integers(0, 2 ** 31 - 1)), named=draw(st.booleans()), ctor=ctor, groups=groups)
     if draw(st.booleans()):  # EWC on from the start (no kernel launch: it does not count as an op)
