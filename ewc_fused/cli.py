@@ -93,7 +93,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ex.add_argument("--seed", type=int, default=0)
     from . import demo as _demo  # light: the demo imports scikit-learn/matplotlib only when it runs
     _demo.add_parser(sub)
+    from .bench import cli as _bench  # light: imports the benchmarks only when it runs
+    _bench.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return _bench.run(args)
     if args.command == "demo":
         return _demo.run(args)
     if args.command == "example":
