@@ -91,14 +91,7 @@ _MIXED = ([torch.float32, torch.float64, torch.bfloat16, torch.float16], [torch.
 PROFILES = {"torch": [_FP64, _MIXED, _LOWP], "triton": [_LOWP, _FP64, _MIXED]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread. On a busy 2-core machine, torch's second thread
-    turns a 1 ms step into 30 ms (measured); results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------- scenarios

@@ -28,14 +28,7 @@ from tests.resume_program import EVENTS, INF_STEP, Program
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread. On a busy 2-core machine, torch's second thread
-    turns a 1 ms step into 30 ms (measured); results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _uninterrupted(backend, tmp_path):
