@@ -159,12 +159,7 @@ def _kernel_compatible(row: tuple[Tensor, ...]) -> bool:
     stores fp32/fp16/bf16 (float64 rows take the torch path, which keeps float64 math)."""
     if any(t.dtype not in (torch.float32, torch.float16, torch.bfloat16) for t in row):
         return False
-    p = row[0]
-    if p.is_contiguous():
-        return all(t.is_contiguous() for t in row)
-    if not _dense_non_overlapping(p):
-        return False
-    return all(t.stride() == p.stride() for t in row)
+    return _dense_layout_shared(row)
 
 
 def _dense_non_overlapping(t: Tensor) -> bool:
