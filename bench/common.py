@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["sync", "time_fn", "time_round_robin", "peak_extra_bytes", "memory_method", "environment",
+__all__ = ["sync", "time_fn", "time_round_robin", "time_stats", "peak_extra_bytes", "memory_method", "environment",
            "copy_bandwidth", "free", "load_stamp", "memory_budget"]
 
 
@@ -32,9 +32,13 @@ def free(device: Optional[torch.device] = None, collect: bool = True) -> None:
         torch.cuda.empty_cache()
 
 
+def time_stats(ts: list[float]) -> dict[str, Any]:
+    """Median, min and max of per-call milliseconds, and the raw list."""
+    return {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "times_ms": ts}
+
+
 def _stats(ts: list[float], inner: int, warmup: int, interleaved: bool) -> dict[str, Any]:
-    return {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "times_ms": ts,
-            "calls_per_repeat": inner, "warmup": warmup, "interleaved": interleaved}
+    return {**time_stats(ts), "calls_per_repeat": inner, "warmup": warmup, "interleaved": interleaved}
 
 
 def time_round_robin(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int | dict[str, int],

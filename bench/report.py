@@ -59,16 +59,20 @@ def step_markdown(step: dict[str, Any]) -> list[str]:
     lines = ["## Optimizer step", "", *_env_lines(step["env"]),
              f"- Copy bandwidth (`dst.copy_(src)`, {bw['bytes'] / 2 / MIB:.0f} MiB fp32): {bw['gb_per_s']:.1f} GB/s",
              f"- λ = {step['lambda']}, lr = {step['lr']}, running Fisher β = {step['fisher_ema']}; gradients preset, "
-             "only the optimizer work is timed; median of repeats after warm-up, fresh tensors per variant.",
-             "- GB/s: the variant's byte floor (7 accesses per element for Adam, 9 with EWC, 11 with the running "
-             "Fisher) divided by its time. % of Adam: that over fused Adam's GB/s, i.e. how close the variant "
-             "comes to its byte floor at the bandwidth torch's fused Adam reaches (100% = floor/Adam floor × "
+             "only the optimizer work is timed; median of repeats after warm-up.",
+             "- GB/s: the variant's byte floor (7 accesses per element for Adam, 9 with EWC or AMSGrad, 11 with the "
+             "running Fisher) divided by its time. adam_fused_amsgrad is torch's own one-pass kernel moving as many "
+             "bytes as fused EWC-Adam: the control for what 9 accesses cost on this device. % of Adam: that over "
+             "fused Adam's GB/s, i.e. how close the variant comes to its byte floor at the bandwidth torch's fused Adam reaches (100% = floor/Adam floor × "
              "Adam's time). The copy bandwidth counts 2 accesses per element; with write-allocate a CPU moves "
              "3, so Adam's GB/s can exceed it.",
              "- Peak extra: transient memory during one step above what was allocated before it; state: what "
-             "the optimizer keeps besides θ and g. Variants marked * ran alone (torch.compile ones, or "
-             "configurations too large to hold every variant at once); the others ran interleaved, one step "
-             "of each per round.", ""]
+             "the optimizer keeps besides θ and g.",
+             "- Timing: every variant steps the same shared tensors, in rounds with other variants so that all see "
+             "the same load. Unmarked rows ran interleaved (one step of every eager variant per round). Rows "
+             "marked * ran in rounds with fused Adam only (torch.compile variants, and configurations too large "
+             "to hold every variant at once); their × columns use the fused-Adam median of their own rounds "
+             "(adam_fused's own row pools all its rounds).", ""]
     for c in step["configs"]:
         lines += [f"### {c['name']}: {c['params'] / 1e6:.1f}M parameters in {c['tensors']} tensors "
                   f"(largest {c['max_tensor']:,} elements)", "", _when(c), "",
@@ -84,7 +88,7 @@ def step_markdown(step: dict[str, Any]) -> list[str]:
             state = (r["ewc_dtype"] or "") + (" + F_run" if r.get("ema") else "") if r.get("ewc_dtype") else "–"
             pk = r.get("peak_extra_bytes")
             adam_bw = c["results"].get("adam_fused", {}).get("gb_per_s")
-            star = "" if r.get("interleaved") else "*"
+            star = "*" if r.get("timing") == "paired" else ""
             lines.append(
                 f"| {name}{star} | {state} | {_ms(r['median_ms'])} | {_ms(r['min_ms'])} | {_ms(r['max_ms'])} | "
                 f"{_f(r.get('vs_adam_fused'), '.2f', '×')} | {_f(r.get('vs_ewc_autograd'), '.2f', '×')} | "

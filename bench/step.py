@@ -6,6 +6,9 @@ one process, after warm-up; the median, min and max of the timed repeats are rep
 
 Variants (keys in the JSON):
   adam_foreach, adam_fused        torch.optim.Adam(foreach=True) / (fused=True): the floor
+  adam_fused_amsgrad              Adam(fused=True, amsgrad=True): torch's own one-pass kernel moving
+                                  as many bytes as fused EWC-Adam (reads θ, g, m, v, v̂max and writes
+                                  θ, m, v, v̂max: 9 accesses), the control for "how fast can 9 be"
   ewc_autograd                    EWC as usually written (``ewc_fused.reference.ReferenceEWCAdam``):
                                   penalty through autograd in a Python loop over parameters,
                                   its gradient added to the grads, then Adam (foreach)
@@ -37,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .common import (copy_bandwidth, environment, free, load_stamp, memory_budget, peak_extra_bytes, sync,
-                     time_fn, time_round_robin)
+                     time_round_robin, time_stats)
 
 __all__ = ["Config", "configs", "VARIANTS", "build", "make_variant", "variant_names", "run_step"]
 
@@ -132,6 +135,7 @@ class Variant:
     state: Callable[[], list[Tensor]]
     ewc_dtype: Optional[str] = None  # storage dtype of F and the anchor, None without EWC
     ema: bool = False
+    extra_accesses: int = 0  # accesses per element beyond Adam's 7 that are not EWC state (AMSGrad's v̂max)
     compile_s: Optional[float] = None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -144,10 +148,10 @@ def _dtype_name(dt: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, str(dt))
 
 
-def _adam(kind: str):
+def _adam(kind: str, amsgrad: bool = False):
     def make(t: Tensors, device: torch.device) -> Variant:
-        opt = torch.optim.Adam(t.params, lr=LR, **{kind: True})
-        return Variant(opt.step, lambda: _opt_state(opt))
+        opt = torch.optim.Adam(t.params, lr=LR, amsgrad=amsgrad, **{kind: True})
+        return Variant(opt.step, lambda: _opt_state(opt), extra_accesses=2 if amsgrad else 0)
     return make
 
 
@@ -241,6 +245,7 @@ def _fused(backend: str, ewc_dtype: str, ema: bool):
 VARIANTS: dict[str, Callable[[Tensors, torch.device], Variant]] = {
     "adam_foreach": _adam("foreach"),
     "adam_fused": _adam("fused"),
+    "adam_fused_amsgrad": _adam("fused", amsgrad=True),
     "ewc_autograd": _ewc_autograd,
     "ewc_foreach_fused": _ewc_foreach,
     "ewc_compiled_fused": lambda t, d: _ewc_foreach(t, d, compiled="fused"),
@@ -256,7 +261,7 @@ def backends_for(device: torch.device) -> list[str]:
 
 
 def variant_names(device: torch.device, compile_: bool) -> list[str]:
-    names = ["adam_foreach", "adam_fused", "ewc_autograd", "ewc_foreach_fused"]
+    names = ["adam_foreach", "adam_fused", "adam_fused_amsgrad", "ewc_autograd", "ewc_foreach_fused"]
     if compile_:
         # this order: in torch 2.13, compiling foreach Adam after a compiled fused-Adam step in the same
         # Dynamo session fails ("Expected scalars to be on CPU, got meta"); the other order works
@@ -280,7 +285,7 @@ def make_variant(name: str, t: Tensors, device: torch.device) -> Variant:
 def floor_bytes(cfg: Config, v: Variant) -> int:
     """Minimum bytes one step must move: 7 accesses per element for Adam, 9 with EWC, 11 with F_run."""
     s = torch.finfo(DTYPES[cfg.dtype]).bits // 8  # θ, g, m, v share θ's dtype
-    per = 2 * s + s + 2 * s + 2 * s
+    per = 2 * s + s + 2 * s + 2 * s + v.extra_accesses * s
     if v.ewc_dtype is not None:
         e = torch.finfo(DTYPES[v.ewc_dtype]).bits // 8
         per += 2 * e + (2 * e if v.ema else 0)
@@ -301,7 +306,7 @@ def _storage_bytes(ts: list[Tensor]) -> int:
 def _variant_bytes(cfg: Config, name: str) -> int:
     """Rough bytes a variant keeps besides the shared θ, g, F and θ*: Adam's m and v, EWC state."""
     s = torch.finfo(DTYPES[cfg.dtype]).bits // 8
-    extra = 2 * s
+    extra = (3 if name == "adam_fused_amsgrad" else 2) * s
     if name.startswith(("ewc_", "fused_ewc")):
         extra += 4 * 3  # F, c (and F_run / a copy of F in θ's dtype), at most fp32
     return cfg.numel * extra
@@ -340,74 +345,93 @@ def run_config(cfg: Config, device: torch.device, names: list[str], repeats: int
                memory: bool = True, interleave: Optional[bool] = None, log=sys.stderr) -> dict[str, Any]:
     """Time every variant of ``names`` on ``cfg``; errors (e.g. out of memory) are recorded, not raised.
 
-    Interleaved (the default where every variant's state fits :func:`memory_budget`): the variants
-    are built on one shared set of θ, g, F, θ* and timed in rounds (each round steps every variant
-    once), so all see the same load; the torch.compile variants then run alone. Otherwise one after
-    the other, each on fresh tensors.
-    The peak-memory step of each variant (untimed) doubles as its first warm-up step.
+    Every variant is built on one shared set of θ, g, F, θ* (same values for all) and timed in rounds
+    (one step of each per round), so that all see the same load on this shared machine:
+
+    * interleaved (where every eager variant's state fits :func:`memory_budget`): all eager variants
+      in one set of rounds;
+    * otherwise, and always for the torch.compile variants: each variant in rounds with torch's
+      fused Adam (the reference, kept for the whole configuration), then freed.
+
+    "× fused Adam" is each variant's median over the reference's median *from the same rounds*;
+    "× autograd EWC" is that ratio over autograd EWC's. The peak-memory step (untimed) of each
+    variant doubles as its first warm-up step.
     """
     results: dict[str, Any] = {}
     start = load_stamp()
     big = cfg.numel >= 1_000_000  # full garbage collections only where leftovers would matter
     s = torch.finfo(DTYPES[cfg.dtype]).bits // 8
-    need = cfg.numel * (2 * s + 8) + sum(_variant_bytes(cfg, n) for n in names)
+    eager = [n for n in names if not n.startswith("ewc_compiled")]
+    need = cfg.numel * (2 * s + 8) + sum(_variant_bytes(cfg, n) for n in eager)
     if interleave is None:
         interleave = need <= memory_budget(device)
+    group = eager if interleave else ["adam_fused"]
     print(f"[step] {cfg.name}: {cfg.numel / 1e6:.1f}M elements in {len(cfg.shapes)} tensors"
-          f"{', interleaved' if interleave else ', one variant at a time'}", file=log, flush=True)
+          f"{', interleaved' if interleave else ', each variant paired with fused Adam'}", file=log, flush=True)
     min_s = 0.02 if device.type == "cuda" else 0.0
     warm = max(1, warmup - 1) if memory else warmup
-    # Compiled variants run alone, each after a Dynamo reset: in torch 2.13 two compiled optimizer
-    # steps in one Dynamo session share Optimizer.step's frames, and the second one's recompile of
-    # foreach Adam fails ("Expected scalars to be on CPU, got meta").
-    alone = [n for n in names if n.startswith("ewc_compiled")] if interleave else list(names)
-    together = [n for n in names if n not in alone]
 
     def failed(name: str, e: Exception) -> None:
         results[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         _log(name, results[name], log)
 
-    if together:
-        shared = build(cfg, device)
-        built: dict[str, tuple[Variant, Optional[int]]] = {}
-        for name in together:
-            try:
-                v = make_variant(name, shared, device)
-                built[name] = (v, peak_extra_bytes(v.step, device, big) if memory else None)
-            except Exception as e:  # noqa: BLE001 - recorded in the report, the run goes on
-                failed(name, e)
-        timed = time_round_robin({k: v.step for k, (v, _) in built.items()}, device, repeats, warm, min_s)
-        for name in together:
-            if name in built:
-                v, mem = built[name]
-                results[name] = _measure(name, v, cfg, timed[name], mem)
-                _log(name, results[name], log)
-        del built, shared
-    for name in alone:
+    shared = build(cfg, device)
+    built: dict[str, tuple[Variant, Optional[int]]] = {}
+    for name in dict.fromkeys(group + ["adam_fused"]):
+        try:
+            v = make_variant(name, shared, device)
+            built[name] = (v, peak_extra_bytes(v.step, device, big) if memory else None)
+        except Exception as e:  # noqa: BLE001 - recorded in the report, the run goes on
+            failed(name, e)
+    timed = time_round_robin({k: v.step for k, (v, _) in built.items()}, device, repeats, warm, min_s)
+    ref, ref_mem = built.pop("adam_fused")
+    ref_times = list(timed["adam_fused"]["times_ms"])
+    for name, (v, mem) in built.items():
+        results[name] = _measure(name, v, cfg, timed[name], mem)
+        results[name]["ref_ms"] = timed["adam_fused"]["median_ms"]
+        results[name]["timing"] = "interleaved"
+        _log(name, results[name], log)
+    built.clear()
+    for name in names:
+        if name in group or name == "adam_fused":
+            continue
         free(device, big)
-        if name.startswith("ewc_compiled"):
+        compiled = name.startswith("ewc_compiled")
+        if compiled:
             _reset_dynamo()
         try:
-            t = build(cfg, device)
-            v = make_variant(name, t, device)
-            del t
+            v = make_variant(name, shared, device)
             mem = peak_extra_bytes(v.step, device, big) if memory else None
-            results[name] = _measure(name, v, cfg, time_fn(v.step, device, repeats, warm, min_s), mem)
+            pair = time_round_robin({name: v.step, "adam_fused": ref.step}, device, repeats, warm, min_s)
+            results[name] = _measure(name, v, cfg, pair[name], mem)
+            results[name]["ref_ms"] = pair["adam_fused"]["median_ms"]
+            results[name]["timing"] = "paired"
+            ref_times += pair["adam_fused"]["times_ms"]
             del v
         except Exception as e:  # noqa: BLE001 - recorded in the report, the run goes on
             failed(name, e)
             continue
+        finally:
+            if compiled:
+                _reset_dynamo()  # let the compiled step's tensors go
         _log(name, results[name], log)
-    if any(n.startswith("ewc_compiled") for n in alone):
-        _reset_dynamo()  # let the compiled steps' tensors go
+    if "adam_fused" in names:
+        r = timed["adam_fused"] if interleave else {**timed["adam_fused"], **time_stats(ref_times)}
+        results["adam_fused"] = _measure("adam_fused", ref, cfg, r, ref_mem)
+        results["adam_fused"]["ref_ms"] = results["adam_fused"]["median_ms"]
+        results["adam_fused"]["timing"] = "interleaved" if interleave else "paired"
+        if not interleave:
+            _log("adam_fused", results["adam_fused"], log)
+    del ref, shared
     results = {k: results[k] for k in names if k in results}
     free(device, big)
-    base = results.get("adam_fused", {}).get("median_ms")
-    ref = results.get("ewc_autograd", {}).get("median_ms")
     for r in results.values():
         if "median_ms" in r:
-            r["vs_adam_fused"] = r["median_ms"] / base if base else None
-            r["vs_ewc_autograd"] = r["median_ms"] / ref if ref else None
+            r["vs_adam_fused"] = r["median_ms"] / r["ref_ms"]
+    auto = results.get("ewc_autograd", {}).get("vs_adam_fused")
+    for r in results.values():
+        if "median_ms" in r:
+            r["vs_ewc_autograd"] = r["vs_adam_fused"] / auto if auto else None
     return {"name": cfg.name, "kind": cfg.kind, "dtype": cfg.dtype, "params": cfg.numel, **load_stamp(start),
             "tensors": len(cfg.shapes), "max_tensor": max(math.prod(s) for s in cfg.shapes),
             "interleaved": interleave, "results": results}

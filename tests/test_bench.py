@@ -13,7 +13,7 @@ from ewc_fused.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # bytes per element of fp32 parameters: θ, g, m, v (7 accesses × 4), + F and θ* reads, + F_run read and write
-FLOOR_BYTES_FP32 = {"adam_foreach": 28, "adam_fused": 28, "ewc_autograd": 36, "ewc_foreach_fused": 36,
+FLOOR_BYTES_FP32 = {"adam_foreach": 28, "adam_fused": 28, "adam_fused_amsgrad": 36, "ewc_autograd": 36, "ewc_foreach_fused": 36,
                     "fused_ewc[torch,fp32]": 36, "fused_ewc[torch,fp32,ema]": 44,
                     "fused_ewc[torch,bf16]": 32, "fused_ewc[torch,bf16,ema]": 36}
 
@@ -105,6 +105,30 @@ def test_bench_variants_compute_the_same_update(dtype):
     for name in ("fused_ewc[torch,bf16]", "fused_ewc[torch,bf16,ema]"):
         for e, b in zip(ewc, _two_steps(name, cfg)):
             torch.testing.assert_close(b.float(), e.float(), rtol=1e-2, atol=3e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_bench_amsgrad_control_is_amsgrad():
+    """The same-bytes control is AMSGrad: after one large gradient v decays (0.1% a step) while
+    AMSGrad keeps its max, so 40 steps tell it apart from Adam."""
+    cfg = bstep.Config("t", [(33, 17), (64,), (5, 7, 3)], "fp32", "gpt")
+    tol = dict(rtol=1e-5, atol=1e-7)
+    t = bstep.build(cfg, torch.device("cpu"))
+    ref = [p.detach().clone().requires_grad_() for p in t.params]
+    ref_opt = torch.optim.Adam(ref, lr=bstep.LR, amsgrad=True, foreach=True)
+    step = bstep.make_variant("adam_fused_amsgrad", t, torch.device("cpu")).step
+    adam_opt = torch.optim.Adam(plain := [p.detach().clone().requires_grad_() for p in t.params], lr=bstep.LR)
+    for k in range(40):
+        for p, r, q in zip(t.params, ref, plain):
+            r.grad, q.grad = p.grad.detach().clone(), p.grad.detach().clone()
+        step()
+        ref_opt.step()
+        adam_opt.step()
+        if k == 0:
+            for p in t.params:
+                p.grad.mul_(0.01)
+    for a, b in zip(ref, t.params):
+        torch.testing.assert_close(b.detach().float(), a.detach().float(), **tol)
+    assert max(float((a.float() - b.detach().float()).abs().max()) for a, b in zip(plain, t.params)) > 1e-5
 
 
 @pytest.mark.slow
