@@ -77,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
     args = defaults(args)
     # known, harmless, once per call: Opacus' and BackPACK's hooks on inputs that need no grad
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    # vmap over the sequence model's attention: torch 2.13 has no batching rule for CPU SDPA and says
+    # so on every call; the vmap row's time includes that fallback
+    warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
+                            "the batching rule")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

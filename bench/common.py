@@ -1,11 +1,14 @@
 """Shared benchmark machinery: timing, peak-memory measurement, environment description."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
 import platform
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -110,6 +113,31 @@ def memory_method(device: torch.device) -> str:
             "not Python objects or library scratch memory outside it)")
 
 
+@contextlib.contextmanager
+def _without_kineto_chatter():
+    """Kineto in the torch 2.13 CPU wheel writes two "USDT: ... profiler_start/stop" lines to fd 2
+    per profiled call; they are held back, and anything else written to fd 2 is passed on."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. captured): nothing to filter
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            rest = b"".join(line for line in tmp if not line.startswith(b"USDT:"))
+            if rest:
+                os.write(fd, rest)
+
+
 def peak_extra_bytes(fn: Callable[[], Any], device: torch.device, collect: bool = True) -> int:
     """Peak bytes allocated by torch during one call of ``fn`` above what was allocated before it."""
     free(device, collect)
@@ -124,7 +152,7 @@ def peak_extra_bytes(fn: Callable[[], Any], device: torch.device, collect: bool 
         return int(peak)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_kineto_chatter(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
