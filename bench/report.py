@@ -11,9 +11,32 @@ __all__ = ["write_json", "load_json", "markdown", "merge", "plot_step", "plot_fi
 MIB = 2**20
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: an
+    interrupted run leaves the old file whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _save_png(fig: Any, path: str) -> None:
+    """``fig.savefig`` to a temporary file, renamed over ``path`` (atomic, as the other outputs)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_json(data: dict[str, Any], path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def load_json(path: str) -> Optional[dict[str, Any]]:
@@ -192,7 +215,7 @@ def plot_step(step: dict[str, Any], out_dir: str) -> list[str]:
     fig.suptitle(f"Optimizer step: {step['env']['device']}", fontsize=10)
     fig.tight_layout()
     path = os.path.join(out_dir, "step_time.png")
-    fig.savefig(path, dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
     written.append("step_time.png")
 
@@ -219,7 +242,7 @@ def plot_step(step: dict[str, Any], out_dir: str) -> list[str]:
     for j in range(n, rows * cols):
         axes[j // cols][j % cols].axis("off")
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "step_bandwidth.png"), dpi=110)
+    _save_png(fig, os.path.join(out_dir, "step_bandwidth.png"))
     plt.close(fig)
     written.append("step_bandwidth.png")
     return written
@@ -248,7 +271,7 @@ def plot_fisher(fisher: dict[str, Any], out_dir: str) -> list[str]:
         axes[0][j].set_title(f"{w['name']} (T = {w['tokens']}), {w['params'] / 1e6:.2f}M parameters", fontsize=9)
     fig.suptitle(f"Per-sample Fisher: {fisher['env']['device']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "fisher.png"), dpi=110)
+    _save_png(fig, os.path.join(out_dir, "fisher.png"))
     plt.close(fig)
     return ["fisher.png"]
 
@@ -286,9 +309,7 @@ def write_all(out_dir: str, step: Optional[dict[str, Any]], fisher: Optional[dic
             plots += plot_fisher(fisher, out_dir)
     except ImportError as e:  # matplotlib is an optional extra
         print(f"plots skipped: {e} (pip install ewc-fused[bench])")
-    md = markdown(step, fisher, plots)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(md + "\n")
+    atomic_write_text(os.path.join(out_dir, "results.md"), markdown(step, fisher, plots) + "\n")
     for name in ("step.json", "fisher.json", "results.md", *plots):
         if os.path.exists(os.path.join(out_dir, name)):
             paths[name] = os.path.join(out_dir, name)

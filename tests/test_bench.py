@@ -139,3 +139,36 @@ def test_bench_compiled_variants_compute_the_same_update():
     for name in ("ewc_compiled_foreach", "ewc_compiled_fused"):
         for e, b in zip(ewc, _two_steps(name, cfg)):
             torch.testing.assert_close(b, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_probe_tiny(tmp_path, one_thread):
+    """The CPU probe behind the README's "what limits the CPU step": it runs end to end and its
+    byte accounting matches the variants (timings mean nothing at this size)."""
+    from ewc_fused.bench import probe
+
+    assert probe.main(["--params", "2e5", "--repeats", "1", "--no-compile", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "cpu" / "probe.json").read_text())
+    res = data["results"]
+    assert set(res) == {"adam_fused", "adam_fused_amsgrad", "sub_only", "penalty_only", "fused_ewc_torch"}
+    assert res["adam_fused"]["vs_adam_fused"] == 1.0
+    for name, acc in (("adam_fused", 7), ("adam_fused_amsgrad", 9), ("penalty_only", 4), ("fused_ewc_torch", 9)):
+        r = res[name]
+        assert r["accesses"] == acc
+        assert r["gb_per_s"] == pytest.approx(acc * 4 * data["params"] / (r["median_ms"] * 1e-3) / 1e9)
+    assert (tmp_path / "cpu" / "probe.md").read_text().startswith("## CPU probe")
+
+
+def test_probe_compiled_update_is_ewc_adam(one_thread):
+    """The probe's one-pass update (run eagerly here) is the EWC-Adam step of torch's Adam with
+    the penalty gradient added, to fp32 rounding."""
+    from ewc_fused.bench import probe
+
+    torch.manual_seed(0)
+    p, g, f, c = torch.randn(300), torch.randn(300), torch.rand(300), torch.randn(300)
+    m, v = torch.zeros(300), torch.zeros(300)
+    ref = p.clone().requires_grad_()
+    ref.grad = g + bstep.LAMBDA * f * (p - c)
+    torch.optim.Adam([ref], lr=bstep.LR, foreach=False).step()
+    h = torch.tensor([bstep.LR, 0.9, 0.999, 1e-8, bstep.LAMBDA, 1 - 0.9, (1 - 0.999) ** 0.5])
+    probe._ewc_update(p, g, m, v, f, c, h)
+    torch.testing.assert_close(p, ref.detach(), rtol=1e-6, atol=1e-7)
