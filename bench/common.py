@@ -139,7 +139,12 @@ def _without_kineto_chatter():
 
 
 def peak_extra_bytes(fn: Callable[[], Any], device: torch.device, collect: bool = True) -> int:
-    """Peak bytes allocated by torch during one call of ``fn`` above what was allocated before it."""
+    """Peak bytes allocated by torch during one call of ``fn`` above what was allocated before it.
+
+    ``fn`` is called once untimed first, so that state it creates on its first call (an
+    optimizer's m and v) is not counted as transient memory: the measured call is a steady one."""
+    fn()
+    sync(device)
     free(device, collect)
     if device.type == "cuda":
         sync(device)

@@ -259,7 +259,8 @@ def run_workload(w: Workload, device: torch.device, repeats: int, memory: bool =
                  log=sys.stderr) -> dict[str, Any]:
     """Time every method on one workload; skipped and failing methods are recorded with the reason.
 
-    Every method is set up first; its peak-memory call (untimed) doubles as its first warm-up.
+    Every method is set up first; its two peak-memory calls (untimed: the second, steady one is
+    measured) double as warm-up.
     Then all are timed in rounds (each round calls every method once), so all see the same load;
     the slow ones (per-sample loop, vmap, Opacus, BackPACK BatchGrad) sit out after half the rounds.
     """

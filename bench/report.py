@@ -89,8 +89,9 @@ def step_markdown(step: dict[str, Any]) -> list[str]:
              "fused Adam's GB/s, i.e. how close the variant comes to its byte floor at the bandwidth torch's fused Adam reaches (100% = floor/Adam floor × "
              "Adam's time). The copy bandwidth counts 2 accesses per element; with write-allocate a CPU moves "
              "3, so Adam's GB/s can exceed it.",
-             "- Peak extra: transient memory during one step above what was allocated before it; state: what "
-             "the optimizer keeps besides θ and g.",
+             "- Peak extra: transient memory during one steady step (the second: state created by the first "
+             "is not transient) above what was allocated before it; state: what the optimizer keeps besides θ "
+             "and g.",
              "- Timing: every variant steps the same shared tensors, in rounds with other variants so that all see "
              "the same load. Unmarked rows ran interleaved (one step of every eager variant per round). Rows "
              "marked * ran in rounds with fused Adam only (torch.compile variants, and configurations too large "

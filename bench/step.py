@@ -45,6 +45,7 @@ from .common import (copy_bandwidth, environment, free, load_stamp, memory_budge
 __all__ = ["Config", "configs", "VARIANTS", "build", "make_variant", "variant_names", "run_step"]
 
 LAMBDA = 10.0
+COMPILE_MAX_NUMEL = 200_000_000  # larger configurations (1B on CUDA) skip the torch.compile variants
 LR = 1e-3
 EMA = 0.99
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -354,11 +355,15 @@ def run_config(cfg: Config, device: torch.device, names: list[str], repeats: int
       fused Adam (the reference, kept for the whole configuration), then freed.
 
     "× fused Adam" is each variant's median over the reference's median *from the same rounds*;
-    "× autograd EWC" is that ratio over autograd EWC's. The peak-memory step (untimed) of each
-    variant doubles as its first warm-up step.
+    "× autograd EWC" is that ratio over autograd EWC's. The two peak-memory steps (untimed: the
+    second, steady one is measured) of each variant double as its first warm-up steps.
     """
     results: dict[str, Any] = {}
     start = load_stamp()
+    if cfg.numel > COMPILE_MAX_NUMEL and any(n.startswith("ewc_compiled") for n in names):
+        names = [n for n in names if not n.startswith("ewc_compiled")]
+        print(f"[step] {cfg.name}: torch.compile variants left out above {COMPILE_MAX_NUMEL / 1e6:.0f}M parameters "
+              "(minutes of compilation; the smaller configurations show them)", file=log, flush=True)
     big = cfg.numel >= 1_000_000  # full garbage collections only where leftovers would matter
     s = torch.finfo(DTYPES[cfg.dtype]).bits // 8
     eager = [n for n in names if not n.startswith("ewc_compiled")]
@@ -369,7 +374,7 @@ def run_config(cfg: Config, device: torch.device, names: list[str], repeats: int
     print(f"[step] {cfg.name}: {cfg.numel / 1e6:.1f}M elements in {len(cfg.shapes)} tensors"
           f"{', interleaved' if interleave else ', each variant paired with fused Adam'}", file=log, flush=True)
     min_s = 0.02 if device.type == "cuda" else 0.0
-    warm = max(1, warmup - 1) if memory else warmup
+    warm = max(1, warmup - 2) if memory else warmup  # the memory measurement makes two calls
 
     def failed(name: str, e: Exception) -> None:
         results[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
@@ -399,7 +404,10 @@ def run_config(cfg: Config, device: torch.device, names: list[str], repeats: int
         compiled = name.startswith("ewc_compiled")
         if compiled:
             _reset_dynamo()
+        v = None
         try:
+            if compiled:
+                print(f"  {name:32s} compiling (caches off; on CPU this took 6-212 s)", file=log, flush=True)
             v = make_variant(name, shared, device)
             mem = peak_extra_bytes(v.step, device, big) if memory else None
             pair = time_round_robin({name: v.step, "adam_fused": ref.step}, device, repeats, warm, min_s)
@@ -407,11 +415,11 @@ def run_config(cfg: Config, device: torch.device, names: list[str], repeats: int
             results[name]["ref_ms"] = pair["adam_fused"]["median_ms"]
             results[name]["timing"] = "paired"
             ref_times += pair["adam_fused"]["times_ms"]
-            del v
         except Exception as e:  # noqa: BLE001 - recorded in the report, the run goes on
             failed(name, e)
             continue
         finally:
+            v = None  # a failed variant's tensors go before the next one is built
             if compiled:
                 _reset_dynamo()  # let the compiled step's tensors go
         _log(name, results[name], log)

@@ -134,6 +134,7 @@ class _Hooked:
         self.path, self.module, self.params, self.kind = path, module, params, kind
         self.calls: list[tuple[Any, Any, Any]] = []  # (args, kwargs, output) per call
         self.versions: list[list[int]] = []
+        self.taps: list[dict[int, Tensor]] = []  # per call: leaf index -> the zero scalar added to it (_tap_outputs)
 
     @property
     def desc(self) -> str:
@@ -413,18 +414,20 @@ def estimate_fisher(
 
     modes = {m: m.training for m in model.modules()}
     grads = [p.grad for p in params]
-    state = {"active": False, "clone": False}
+    state: dict[str, Any] = {"active": False, "clone": False, "n": 0, "scale": 1.0, "backend": backend,
+                             "bufs": bufs, "got": {}}
 
     def hook(module, args, kwargs, output, h):
         if not state["active"]:
             return None
+        output = _tap_outputs(output, h, len(h.calls), state)
         out_leaves = [o for o in tree_flatten(output)[0] if isinstance(o, Tensor)]
         h.versions.append([o._version for o in out_leaves])
         h.calls.append((tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, args),
                         tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, kwargs), output))
         if state["clone"]:  # a later in-place op must not rewrite the tensor we differentiate
             return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, output)
-        return None
+        return output
 
     handles = [h.module.register_forward_hook(lambda m, a, k, o, h=h: hook(m, a, k, o, h), with_kwargs=True)
                for h in hooked]
@@ -625,12 +628,50 @@ def _weighted_losses(outputs, targets, losses, n, bi, loss_fn, opts, finite) -> 
     return out, units
 
 
+def _streams(h: _Hooked) -> bool:
+    """Whether ``h``'s output gradient goes to its rule inside the backward pass: one call with one
+    tensor output, and a rule without autograd of its own (the generic rule runs torch.func)."""
+    return h.kind != "generic" and len(h.calls) == 1 and isinstance(h.calls[0][2], Tensor)
+
+
+def _tap_outputs(output: Any, h: _Hooked, ci: int, state: dict[str, Any]) -> Any:
+    """``output`` with every leaf that needs a gradient replaced by ``leaf + z`` (z a zero scalar
+    leaf, so the values are unchanged) and a hook on the new tensor that receives its gradient G.
+
+    The backward pass then differentiates the z's (scalar gradients) rather than the outputs, so
+    the output gradients are not all returned, and held, together at its end: a one-call module's G
+    goes to its rule as soon as it is computed and is freed; the others' are kept in
+    ``state["got"]`` until the pass ends, as before. Leaves that cannot take a scalar summand
+    (DTensors) are differentiated directly."""
+    leaves, spec = tree_flatten(output)
+    taps: dict[int, Tensor] = {}
+    for li, o in enumerate(leaves):
+        if not (isinstance(o, Tensor) and o.requires_grad and o.is_floating_point()) or _dist.is_dtensor(o):
+            continue
+        z = torch.zeros((), dtype=o.dtype, device=o.device, requires_grad=True)
+        leaves[li] = o + z
+
+        def on_grad(g: Tensor, li: int = li) -> None:
+            if _streams(h) and li == 0:
+                with torch.no_grad():
+                    _RULES[h.kind](h, [(h.calls[0][0], h.calls[0][1], g)], state["n"], state["bufs"][h.path],
+                                   state["backend"], state["scale"])
+            else:
+                state["got"].setdefault(id(h), {}).setdefault(ci, {})[li] = g
+
+        leaves[li].register_hook(on_grad)
+        taps[li] = z
+    h.taps.append(taps)
+    return tree_unflatten(leaves, spec) if taps else output
+
+
 def _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, opts, finite) -> int:
     with torch.enable_grad():
         for _attempt in range(2):
             for h in hooked:
                 h.calls.clear()
                 h.versions.clear()
+                h.taps.clear()
             state["active"] = True
             try:
                 outputs = _call(model, inputs)
@@ -648,7 +689,8 @@ def _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, opts
             state["clone"] = True  # e.g. ReLU(inplace=True): redo this batch with cloned outputs
         weighted, units = _weighted_losses(outputs, targets, losses, n, bi, loss_fn, opts, finite)
 
-        # the tensors to differentiate: every saved output leaf that is in the graph
+        # the tensors to differentiate: every saved output leaf that is in the graph, through its zero
+        # scalar where it has one (its gradient then reaches on_grad in _tap_outputs, not the result)
         slots = []  # (hooked, call index, leaf index)
         targets_t = []
         for h in hooked:
@@ -656,15 +698,22 @@ def _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, opts
                 for li, o in enumerate(tree_flatten(out)[0]):
                     if isinstance(o, Tensor) and o.requires_grad:
                         slots.append((h, ci, li))
-                        targets_t.append(o)
+                        targets_t.append(h.taps[ci].get(li, o))
         if not targets_t:
             return units
 
+        state["n"] = n
         for wi, (total, scale) in enumerate(weighted):
-            gs = torch.autograd.grad(total, targets_t, retain_graph=wi + 1 < len(weighted), allow_unused=True)
-            per_h: dict[int, dict[int, dict[int, Tensor]]] = {}
+            state["scale"], state["got"] = scale, {}
+            try:
+                gs = torch.autograd.grad(total, targets_t, retain_graph=wi + 1 < len(weighted), allow_unused=True)
+            finally:
+                per_h: dict[int, dict[int, dict[int, Tensor]]] = state["got"]
+                state["got"] = {}
             for (h, ci, li), g in zip(slots, gs):
-                per_h.setdefault(id(h), {}).setdefault(ci, {})[li] = g
+                if li not in h.taps[ci]:  # differentiated directly
+                    per_h.setdefault(id(h), {}).setdefault(ci, {})[li] = g
+            del gs
             for h in hooked:
                 got = per_h.get(id(h))
                 if not got:

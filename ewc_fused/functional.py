@@ -34,7 +34,7 @@ __all__ = ["ewc_adam", "resolve_backend", "triton_available", "interpreter_enabl
 BACKENDS = ("auto", "triton", "torch")
 # Elements per foreach group in the torch backend: bounds its temporaries.
 GROUP_NUMEL = 1 << 20
-# torch backend: tensors of at least LARGE_NUMEL elements get their penalty in a scratch of
+# torch backend on CPU: tensors of at least LARGE_NUMEL elements get their penalty in a scratch of
 # CHUNK_NUMEL elements (4 MiB of fp32: it stays in cache between the penalty and Adam).
 LARGE_NUMEL = 1 << 16
 CHUNK_NUMEL = 1 << 20
@@ -325,7 +325,9 @@ def _torch_ewc_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
     p_dtype = params[0].dtype
     work = torch.promote_types(p_dtype, fishers[0].dtype)
     rows = _rows(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if h.amsgrad else [], fishers, anchors)
-    large = [i for i, r in enumerate(rows) if r[0].numel() >= LARGE_NUMEL and _dense_layout_shared(r)]
+    # (CPU only: the chunks are sized for a CPU cache; on a GPU they would only multiply launches)
+    large = [i for i, r in enumerate(rows) if r[0].numel() >= LARGE_NUMEL and _dense_layout_shared(r)] \
+        if params[0].device.type == "cpu" else []
     if large:
         def pick(ts):
             return [ts[i] for i in large]
