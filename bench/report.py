@@ -266,7 +266,14 @@ def plot_fisher(fisher: dict[str, Any], out_dir: str) -> list[str]:
             ax.set_yticklabels(names, fontsize=8)
             ax.invert_yaxis()
             if log:
-                ax.set_xscale("log")
+                if vals and max(vals) / max(min(vals), 1e-9) > 4:  # a log axis only where it spans a range
+                    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+                    ax.set_xscale("log")
+                    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}×"))
+                    ax.xaxis.set_minor_formatter(NullFormatter())
+                else:
+                    label = label.replace(" (log)", "")
                 ax.axvline(1.0, color="k", linewidth=1)
             ax.set_xlabel(label, fontsize=8)
         axes[0][j].set_title(f"{w['name']} (T = {w['tokens']}), {w['params'] / 1e6:.2f}M parameters", fontsize=9)

@@ -12,10 +12,13 @@ Mode "batch" is about batch-size times smaller than the others (see the README);
 plain autograd and needs none of what follows.
 
 Mechanism. Forward hooks on every module that owns trainable parameters save its
-input X (detached) and its output Y. The *sum* of the per-sample losses is
-differentiated with ``torch.autograd.grad`` w.r.t. those outputs only, so no weight
-gradient is ever formed. Because sample n's loss depends only on sample n's outputs,
-row n of G = ∂(Σ_n ℓ_n)/∂Y is sample n's own output gradient. Per module type:
+input X (detached) and pass its output on as Y + z, z a zero scalar leaf. The *sum* of
+the per-sample losses is differentiated with ``torch.autograd.grad`` w.r.t. the z's only,
+so no weight gradient is ever formed, and a hook on Y + z hands each output gradient G to
+its module's rule as the backward pass reaches it (then it is freed; a module called more
+than once keeps its calls' G until the pass ends). Because sample n's loss depends only on
+sample n's outputs, row n of G = ∂(Σ_n ℓ_n)/∂Y is sample n's own output gradient. Per
+module type:
 
 * ``nn.Linear`` (X: (N, *, in), G: (N, *, out), flattened to (N, T, ·)):
   S_W += Σ_n (G_nᵀ X_n)², S_b += Σ_n (Σ_t G_nt)², by ``ewc_fused.kernels.fisher_linear``
@@ -487,6 +490,7 @@ def estimate_fisher(
         for h in hooked:
             h.calls.clear()
             h.versions.clear()
+            h.taps.clear()
         for m, t in modes.items():
             m.training = t
         for p, g in zip(params, grads):
