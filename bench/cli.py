@@ -1,4 +1,4 @@
-"""``ewc-fused bench [step|fisher|all]``: run the benchmarks and write JSON, markdown and plots."""
+"""``ewc-fused bench [step|fisher|all|probe]``: run the benchmarks and write JSON, markdown and plots."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +21,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "Fisher (estimate_fisher, loop, vmap, Opacus, BackPACK, tracked training). Writes "
                     "step.json, fisher.json, results.md and PNG plots under OUT/<device>/ "
                     "(OUT/<device>/quick/ with --quick).")
-    p.add_argument("what", nargs="?", choices=("step", "fisher", "all"), default="all")
+    p.add_argument("what", nargs="?", choices=("step", "fisher", "all", "probe"), default="all",
+                   help="probe: the CPU measurements behind the README's 'What limits the CPU step' "
+                        "(not part of all; same as python -m ewc_fused.bench.probe)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available, else cpu")
     p.add_argument("--sizes", type=float, nargs="+", default=None, metavar="N",
@@ -74,6 +76,17 @@ def run(args: argparse.Namespace) -> int:
     from .fisher import run_fisher
     from .step import run_step
 
+    if args.what == "probe":
+        from .probe import main as probe_main
+
+        if args.device not in (None, "cpu"):
+            raise SystemExit("ewc-fused bench probe: it measures the CPU step (--device cpu)")
+        argv = ["--out", args.out] + (["--params", str(args.sizes[0])] if args.sizes else [])
+        argv += (["--repeats", str(args.repeats)] if args.repeats else [])
+        argv += ([] if args.compile_ is None else ["--compile" if args.compile_ else "--no-compile"])
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        return probe_main(argv)
     args = defaults(args)
     # known, harmless, once per call: Opacus' and BackPACK's hooks on inputs that need no grad
     warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -142,11 +142,9 @@ def test_bench_compiled_variants_compute_the_same_update():
 
 
 def test_probe_tiny(tmp_path, one_thread):
-    """The CPU probe behind the README's "what limits the CPU step": it runs end to end and its
-    byte accounting matches the variants (timings mean nothing at this size)."""
-    from ewc_fused.bench import probe
-
-    assert probe.main(["--params", "2e5", "--repeats", "1", "--no-compile", "--out", str(tmp_path)]) == 0
+    """The CPU probe behind the README's "what limits the CPU step" (``ewc-fused bench probe``): it
+    runs end to end and its byte accounting matches the variants (timings mean nothing at this size)."""
+    assert main(["bench", "probe", "--sizes", "2e5", "--repeats", "1", "--no-compile", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "cpu" / "probe.json").read_text())
     res = data["results"]
     assert set(res) == {"adam_fused", "adam_fused_amsgrad", "sub_only", "penalty_only", "fused_ewc_torch"}
