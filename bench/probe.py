@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from .common import environment, time_round_robin
-from .report import atomic_write_text
+from ewc_fused._atomic import atomic_write_text
 from .step import EMA, LAMBDA, LR, build, configs, make_variant
 
 __all__ = ["run_probe", "main"]

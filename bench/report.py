@@ -1,38 +1,23 @@
 """Benchmark outputs: raw JSON, a markdown report and PNG plots in one directory."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from typing import Any, Optional
+
+from ewc_fused._atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = ["write_json", "load_json", "markdown", "merge", "plot_step", "plot_fisher", "write_all"]
 
 MIB = 2**20
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: an
-    interrupted run leaves the old file whole."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _save_png(fig: Any, path: str) -> None:
-    """``fig.savefig`` to a temporary file, renamed over ``path`` (atomic, as the other outputs)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_json(data: dict[str, Any], path: str) -> None:
