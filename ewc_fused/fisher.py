@@ -12,11 +12,13 @@ Mode "batch" is about batch-size times smaller than the others (see the README);
 plain autograd and needs none of what follows.
 
 Mechanism. Forward hooks on every module that owns trainable parameters save its
-input X (detached) and pass its output on as Y + z, z a zero scalar leaf. The *sum* of
+input X (detached) and pass its output on as Y + z, z a −0.0 scalar leaf. The *sum* of
 the per-sample losses is differentiated with ``torch.autograd.grad`` w.r.t. the z's only,
 so no weight gradient is ever formed, and a hook on Y + z hands each output gradient G to
 its module's rule as the backward pass reaches it (then it is freed; a module called more
-than once keeps its calls' G until the pass ends). Because sample n's loss depends only on
+than once keeps its calls' G until the pass ends; an output still held by something else
+after the forward is differentiated directly). z is −0.0, so Y + z is Y bit for bit, and
+the hook runs before the module's other forward hooks, so they see Y + z too. Because sample n's loss depends only on
 sample n's outputs, row n of G = ∂(Σ_n ℓ_n)/∂Y is sample n's own output gradient. Per
 module type:
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import weakref
 from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
@@ -137,7 +140,8 @@ class _Hooked:
         self.path, self.module, self.params, self.kind = path, module, params, kind
         self.calls: list[tuple[Any, Any, Any]] = []  # (args, kwargs, output) per call
         self.versions: list[list[int]] = []
-        self.taps: list[dict[int, Tensor]] = []  # per call: leaf index -> the zero scalar added to it (_tap_outputs)
+        # per call: leaf index -> (the −0.0 scalar added to that output, a weak reference to the output)
+        self.taps: list[dict[int, tuple[Tensor, Any]]] = []
 
     @property
     def desc(self) -> str:
@@ -432,7 +436,10 @@ def estimate_fisher(
             return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, output)
         return output
 
-    handles = [h.module.register_forward_hook(lambda m, a, k, o, h=h: hook(m, a, k, o, h), with_kwargs=True)
+    # prepend: our hook runs before any other forward hook of the module (FSDP2's, the user's), so
+    # that they see the tapped outputs of _tap_outputs, as the rest of the model does
+    handles = [h.module.register_forward_hook(lambda m, a, k, o, h=h: hook(m, a, k, o, h), with_kwargs=True,
+                                              prepend=True)
                for h in hooked]
 
     it: Iterable = data
@@ -639,23 +646,27 @@ def _streams(h: _Hooked) -> bool:
 
 
 def _tap_outputs(output: Any, h: _Hooked, ci: int, state: dict[str, Any]) -> Any:
-    """``output`` with every leaf that needs a gradient replaced by ``leaf + z`` (z a zero scalar
-    leaf, so the values are unchanged) and a hook on the new tensor that receives its gradient G.
+    """``output`` with every leaf that needs a gradient replaced by ``leaf + z`` (z a −0.0 scalar
+    leaf: x + (−0.0) is x bit for bit, signed zeros, NaN and inf included) and a hook on the new
+    tensor that receives its gradient G.
 
     The backward pass then differentiates the z's (scalar gradients) rather than the outputs, so
     the output gradients are not all returned, and held, together at its end: a one-call module's G
     goes to its rule as soon as it is computed and is freed; the others' are kept in
     ``state["got"]`` until the pass ends, as before. Leaves that cannot take a scalar summand
-    (DTensors) are differentiated directly."""
+    (DTensors) are differentiated directly, and so is any leaf that something else still holds
+    after the forward (a module caching its own output): gradient could reach it around the tap."""
     leaves, spec = tree_flatten(output)
-    taps: dict[int, Tensor] = {}
+    taps: dict[int, tuple[Tensor, Any]] = {}
     for li, o in enumerate(leaves):
         if not (isinstance(o, Tensor) and o.requires_grad and o.is_floating_point()) or _dist.is_dtensor(o):
             continue
-        z = torch.zeros((), dtype=o.dtype, device=o.device, requires_grad=True)
+        z = torch.full((), -0.0, dtype=o.dtype, device=o.device, requires_grad=True)
         leaves[li] = o + z
 
         def on_grad(g: Tensor, li: int = li) -> None:
+            if li not in h.taps[ci]:  # differentiated directly instead (see _one_batch)
+                return
             if _streams(h) and li == 0:
                 with torch.no_grad():
                     _RULES[h.kind](h, [(h.calls[0][0], h.calls[0][1], g)], state["n"], state["bufs"][h.path],
@@ -664,7 +675,7 @@ def _tap_outputs(output: Any, h: _Hooked, ci: int, state: dict[str, Any]) -> Any
                 state["got"].setdefault(id(h), {}).setdefault(ci, {})[li] = g
 
         leaves[li].register_hook(on_grad)
-        taps[li] = z
+        taps[li] = (z, weakref.ref(o))
     h.taps.append(taps)
     return tree_unflatten(leaves, spec) if taps else output
 
@@ -694,15 +705,25 @@ def _one_batch(model, hooked, bufs, state, inputs, targets, n, bi, loss_fn, opts
         weighted, units = _weighted_losses(outputs, targets, losses, n, bi, loss_fn, opts, finite)
 
         # the tensors to differentiate: every saved output leaf that is in the graph, through its zero
-        # scalar where it has one (its gradient then reaches on_grad in _tap_outputs, not the result)
+        # scalar where it has one (its gradient then reaches on_grad in _tap_outputs, not the result);
+        # an untapped output that is still alive (held by something else) is differentiated directly
         slots = []  # (hooked, call index, leaf index)
         targets_t = []
         for h in hooked:
             for ci, (_, _, out) in enumerate(h.calls):
+                taps = h.taps[ci]
                 for li, o in enumerate(tree_flatten(out)[0]):
                     if isinstance(o, Tensor) and o.requires_grad:
+                        if li in taps:
+                            z, raw = taps[li][0], taps[li][1]()
+                            if raw is None:
+                                o = z
+                            else:  # held elsewhere: its gradient may arrive around the tap
+                                del taps[li]
+                                o = raw
+                            del z, raw
                         slots.append((h, ci, li))
-                        targets_t.append(h.taps[ci].get(li, o))
+                        targets_t.append(o)
         if not targets_t:
             return units
 

@@ -315,6 +315,17 @@ def _fsdp_part(rank: int, tmp: str) -> None:
         gen, _fisher_batches(rank), nn.CrossEntropyLoss(reduction="none"), progress=False))
     out["errors"] = errs
 
+    # the sharded root is itself the hooked Linear (no FSDP pre-backward fires anywhere else): the
+    # Fisher is still all-reduced and the parameters are resharded afterwards
+    root = nn.Linear(5, 3).double()
+    fully_shard(root)
+    xs, ys = _fisher_batches(rank)[0]
+    out["root_linear"] = {}
+    for mode in ("empirical", "exact"):
+        f = estimate_fisher(root, [(xs, ys)], nn.CrossEntropyLoss(reduction="none"), mode=mode,
+                            progress=False)
+        out["root_linear"][mode] = ({k: _full(v).clone() for k, v in f.items()}, type(root.weight).__name__)
+
     # the Triton kernel (interpreted on CPU) steps the local shards too
     tmodel = sharded(dtype=torch.float32)
     out["triton"] = _triton_scenario(tmodel, rank)
@@ -457,6 +468,18 @@ def test_fsdp2_equals_single_process(fsdp_runs, single):
     for k in ("exp_avg", "ewc_fisher", "ewc_anchor", "fisher_ema"):
         assert r0["state_types"][k] == "DTensor", k
     assert r0["state_types"]["ewc_const"] == "Tensor"
+
+
+def test_fsdp2_root_linear_fisher_is_reduced_and_resharded(fsdp_runs):
+    """A reviewer's case: fully_shard on a lone Linear. Both ranks get the same (all-reduced)
+    Fisher for both parameters, and the parameters are DTensors again afterwards."""
+    _, (r0, r1) = fsdp_runs
+    for mode in ("empirical", "exact"):
+        (f0, t0), (f1, t1) = r0["root_linear"][mode], r1["root_linear"][mode]
+        assert set(f0) == {"weight", "bias"} and t0 == t1 == "DTensor", (mode, set(f0), t0, t1)
+        for k in f0:
+            assert float(f0[k].abs().max()) > 0
+            torch.testing.assert_close(f0[k], f1[k], rtol=1e-6, atol=0)
 
 
 def test_fsdp2_dcp_round_trip(fsdp_runs):
