@@ -18,9 +18,9 @@ so no weight gradient is ever formed, and a hook on Y + z hands each output grad
 its module's rule as the backward pass reaches it (then it is freed; a module called more
 than once keeps its calls' G until the pass ends; an output still held by something else
 after the forward is differentiated directly). z is −0.0, so Y + z is Y bit for bit, and
-the hook runs before the module's other forward hooks, so they see Y + z too. Because sample n's loss depends only on
-sample n's outputs, row n of G = ∂(Σ_n ℓ_n)/∂Y is sample n's own output gradient. Per
-module type:
+the hook runs before the module's other forward hooks, so they see Y + z too. Because
+sample n's loss depends only on sample n's outputs, row n of G = ∂(Σ_n ℓ_n)/∂Y is sample
+n's own output gradient. Per module type:
 
 * ``nn.Linear`` (X: (N, *, in), G: (N, *, out), flattened to (N, T, ·)):
   S_W += Σ_n (G_nᵀ X_n)², S_b += Σ_n (Σ_t G_nt)², by ``ewc_fused.kernels.fisher_linear``
